@@ -1,0 +1,225 @@
+"""Typed, validated configuration: a YAML recipe plus dotted `key=value` overrides.
+
+Every job kind has one config object (`TrainConfig`, `InferConfig`). Validation happens once, at
+the edge, before Ray starts: an unknown key, a wrong type or an impossible value raises
+`ConfigError` with one line naming the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from raycv.errors import ConfigError
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSection(_Section):
+    name: str = "digits"  # dataset registry name (`raycv datasets`)
+    root: str | None = None  # where a user dataset lives (image_folder, cifar10, parquet); local or URI
+    input_size: int = Field(32, ge=8, le=1024)  # side of the square model input, pixels
+    resize_size: int | None = Field(None, ge=8, le=2048)  # eval: resize shorter side to this, then center-crop input_size (default: input_size)
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # used when a source has no val split of its own
+    num_samples: int = Field(2000, ge=10)  # generated sets (shapes) only
+    seed: int = 0  # split / generation seed: the same seed gives the same split
+    batch_size: int = Field(32, ge=1)  # per training worker, images
+    augment: Literal["none", "light", "standard", "trivial"] = "light"  # train preset strength
+    hflip: bool = False  # horizontal flips (wrong for digits; right for photos)
+    mean: list[float] | None = None  # per channel; default: the dataset's own
+    std: list[float] | None = None
+    cache: bool = True  # keep decoded images in Ray's object store across epochs (small sets)
+    image_column: str = "image"  # parquet sources: encoded image bytes
+    label_column: str = "label"  # parquet sources: integer class index or class name
+    decode_cpus: float = Field(0.5, gt=0.0, le=16.0)  # CPUs per Ray Data decode task
+
+
+class ModelSection(_Section):
+    name: str = "simple_cnn"  # model registry name (`raycv models`)
+    weights: str | None = None  # torchvision weights, e.g. DEFAULT or IMAGENET1K_V1 (needs them cached or internet)
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # extra constructor arguments
+
+
+class OptimSection(_Section):
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(2e-3, gt=0.0)  # peak learning rate for the global batch as configured
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd only
+    nesterov: bool = False  # sgd only
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class TrainSection(_Section):
+    epochs: int = Field(10, ge=1)
+    warmup_epochs: float = Field(1.0, ge=0.0)  # linear warmup from lr * warmup_factor, in epochs
+    warmup_factor: float = Field(0.1, gt=0.0, le=1.0)
+    lr_schedule: Literal["cosine", "step", "constant"] = "cosine"  # after warmup
+    step_epochs: int = Field(30, ge=1)  # step schedule: decay every this many epochs
+    step_gamma: float = Field(0.1, gt=0.0, le=1.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    checkpoint_metric: Literal["val_accuracy", "val_top5", "val_loss"] = "val_accuracy"
+    keep_checkpoints: int = Field(2, ge=1)  # best N by checkpoint_metric (the latest is always kept)
+    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint (-1: forever)
+    seed: int = 0
+
+
+class ScalingSection(_Section):
+    num_workers: int = Field(2, ge=1)  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False
+    cpus_per_worker: float | None = Field(None, gt=0.0)  # default: share the cluster's CPUs with Ray Data
+    gpus_per_worker: float = Field(1.0, gt=0.0)  # with use_gpu
+    data_cpus: float = Field(0.5, ge=0.0)  # CPUs left free for Ray Data while training runs
+
+
+class RunSection(_Section):
+    storage_path: str = "runs"  # local folder or URI; relative paths are resolved against the cwd
+    name: str | None = None  # default: <data>-<model>-<timestamp>; the same name resumes that run
+    address: str | None = None  # Ray cluster address; default: $RAY_ADDRESS, else a new local instance
+    verbose: bool = False  # show Ray's own logs
+
+
+class InferSection(_Section):
+    checkpoint: str | None = None  # a raycv checkpoint directory (or a run directory: its best checkpoint)
+    input: str | None = None  # image folder, Parquet dataset, or `registry:<name>[:split]`
+    output: str | None = None  # Parquet output directory
+    batch_size: int = Field(64, ge=1)
+    topk: int = Field(5, ge=1)
+    embedding: bool = False  # add the penultimate features as an `embedding` column
+    mode: Literal["error", "overwrite", "resume"] = "error"  # what to do when output exists
+    max_error_fraction: float = Field(1.0, ge=0.0, le=1.0)  # fail the job above this share of bad inputs
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(1, ge=1)
+    cpus_per_actor: float | None = Field(None, gt=0.0)  # default: what the cluster can spare
+    use_gpu: bool = False
+    path_column: str = "path"  # parquet inputs: the id / path column
+    image_column: str = "image"  # parquet inputs: encoded image bytes
+    rows_per_file: int = Field(100_000, ge=1)
+
+    @model_validator(mode="after")
+    def _actors(self) -> "InferSection":
+        if self.min_actors > self.max_actors:
+            raise ValueError(
+                f"infer.min_actors={self.min_actors} is above infer.max_actors={self.max_actors}"
+            )
+        return self
+
+
+class TrainConfig(_Section):
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    run: RunSection = Field(default_factory=RunSection)
+
+
+class InferConfig(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)  # used when no checkpoint is given
+    data: DataSection = Field(default_factory=DataSection)  # for `registry:` inputs
+    infer: InferSection = Field(default_factory=InferSection)
+    run: RunSection = Field(default_factory=RunSection)
+
+
+CONFIG_KINDS: dict[str, type[_Section]] = {"train": TrainConfig, "infer": InferConfig}
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["train.epochs=3", "data.mean=[0.5,0.5,0.5]"]` -> nested dict. Values are parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_error(err: ValidationError, kind: type[_Section]) -> str:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    key = ".".join(loc)
+    if first["type"] == "extra_forbidden":
+        model: Any = kind
+        for part in loc[:-1]:
+            field = model.model_fields.get(part)
+            model = field.annotation if field is not None else None
+            if model is None or not hasattr(model, "model_fields"):
+                break
+        valid = ", ".join(model.model_fields) if model is not None and hasattr(model, "model_fields") else "?"
+        return f"unknown config key '{key}' (valid keys here: {valid})"
+    msg = first["msg"]
+    if first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
+        return msg if not key else f"{key}: {msg}"
+    return f"{key}={first.get('input')!r}: {msg}"
+
+
+def load_config(kind: str, path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Any:
+    """Build the validated config of `kind` ("train" or "infer") from a recipe and overrides."""
+    cls = CONFIG_KINDS[kind]
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, not {type(raw).__name__}")
+    raw = _merge(raw, parse_overrides(list(overrides)))
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, cls)) from None
+
+
+def default_run_name(cfg: TrainConfig) -> str:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.data.name}-{cfg.model.name}-{stamp}"
+
+
+def resolve_storage_path(storage_path: str) -> str:
+    """Ray Train wants an absolute path or a URI."""
+    if "://" in storage_path:
+        return storage_path
+    return str(Path(storage_path).expanduser().resolve())
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

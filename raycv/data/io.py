@@ -1,0 +1,70 @@
+"""Paths that may be local or object-storage URIs, through pyarrow filesystems."""
+
+from __future__ import annotations
+
+import pyarrow.fs as pafs
+
+from raycv.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """`s3://bucket/key`, `gs://...`, `file:///x` or a plain local path -> (filesystem, path)."""
+    if "://" in path:
+        try:
+            return pafs.FileSystem.from_uri(path)
+        except Exception as e:
+            raise UserError(f"cannot open {path}: {e}") from None
+    from pathlib import Path
+
+    return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+def with_scheme(fs: pafs.FileSystem, path: str, original: str) -> str:
+    """Give a listed path back the scheme of the URI the user gave, so any process can reopen it."""
+    if "://" in original and "://" not in path:
+        return f"{original.split('://', 1)[0]}://{path}"
+    return path
+
+
+def normalize(path: str) -> str:
+    """The form `list_files` returns: URIs unchanged, local paths absolute."""
+    fs, p = resolve(path)
+    return with_scheme(fs, p, path)
+
+
+def exists(path: str) -> bool:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def is_dir(path: str) -> bool:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type == pafs.FileType.Directory
+
+
+def list_files(root: str, extensions: tuple[str, ...] | None = None) -> list[str]:
+    """Every file under `root`, recursively, sorted; hidden files and folders are skipped."""
+    fs, base = resolve(root)
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise UserError(f"path does not exist: {root}")
+    if info.type == pafs.FileType.File:
+        return [with_scheme(fs, base, root)]
+    out = []
+    for f in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        if f.type != pafs.FileType.File:
+            continue
+        rel = f.path[len(base):].lstrip("/")
+        if any(part.startswith(".") or part.startswith("_") for part in rel.split("/")):
+            continue
+        if extensions is None or f.path.lower().endswith(extensions):
+            out.append(with_scheme(fs, f.path, root))
+    return sorted(out)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = resolve(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()

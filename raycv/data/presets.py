@@ -1,0 +1,109 @@
+"""Train and eval preprocessing as two named presets (after torchvision's references/presets.py).
+
+Each preset has two halves:
+- `geometry(img)`: PIL RGB -> (C, H, W) uint8 tensor of a fixed shape. Deterministic; runs in Ray
+  Data decode tasks, so a small dataset is decoded once and cached in Ray's object store.
+- the per-batch half, on the training worker: `augment` (train: random, fresh every epoch) and
+  `normalize` (uint8 -> float, mean/std), both over a (B, C, H, W) batch.
+
+The eval preset's parameters are stored in every checkpoint (`to_dict` / `from_dict`), so batch
+inference preprocesses exactly as validation did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(B, C, H, W) uint8 -> float32, scaled to [0, 1], then standardised per channel."""
+    m = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
+    return (batch.float().div_(255.0) - m) / s
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassificationEvalPreset:
+    input_size: int  # model input side, pixels
+    resize_size: int  # shorter side is resized to this, then center-cropped to input_size
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (3, self.input_size, self.input_size)
+
+    def geometry(self, img) -> torch.Tensor:
+        return _eval_geometry(self.resize_size, self.input_size)(img)
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        return normalize(batch, self.mean, self.std)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClassificationEvalPreset":
+        return cls(input_size=int(d["input_size"]), resize_size=int(d["resize_size"]),
+                   mean=tuple(d["mean"]), std=tuple(d["std"]))
+
+
+def _eval_geometry(resize_size: int, crop_size: int) -> v2.Compose:
+    return v2.Compose([
+        v2.Resize(resize_size, antialias=True),
+        v2.CenterCrop(crop_size),
+        v2.PILToTensor(),
+    ])
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassificationTrainPreset:
+    input_size: int
+    resize_size: int  # images are stored (decoded once) as resize_size squares
+    augment: str = "light"  # none | light | standard | trivial
+    hflip: bool = False
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    _augment: v2.Compose | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (3, self.resize_size, self.resize_size)
+
+    def geometry(self, img) -> torch.Tensor:
+        return _eval_geometry(self.resize_size, self.resize_size)(img)
+
+    def augment_transform(self) -> v2.Compose:
+        size, store = self.input_size, self.resize_size
+        steps: list = []
+        if self.augment == "none":
+            steps.append(v2.CenterCrop(size))
+        elif self.augment == "light":
+            # Small shifts, rotations and zooms: right for digits, glyphs and tiny images.
+            if store > size:
+                steps.append(v2.RandomCrop(size))
+            steps.append(v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)))
+        elif self.augment in ("standard", "trivial"):
+            steps.append(v2.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True))
+            if self.augment == "trivial":
+                steps.append(v2.TrivialAugmentWide())
+        else:
+            raise ValueError(f"unknown augment {self.augment!r} (valid: none, light, standard, trivial)")
+        if self.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        return v2.Compose(steps)
+
+    def augment_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) uint8 -> (B, C, input_size, input_size) uint8, fresh randomness per image."""
+        if self._augment is None:
+            object.__setattr__(self, "_augment", self.augment_transform())
+        return torch.stack([self._augment(img) for img in batch])
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        return normalize(batch, self.mean, self.std)

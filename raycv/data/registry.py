@@ -1,0 +1,65 @@
+"""One registry that maps a dataset name to the function that reads it through Ray Data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from raycv.errors import UserError
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from raycv.config import DataSection
+
+
+@dataclass
+class DatasetSplits:
+    """What every source returns: undecoded rows (`path`, `label`, and `bytes` or `image`)."""
+
+    classes: list[str]
+    train: "ray.data.Dataset"
+    val: "ray.data.Dataset"
+    num_train: int
+    num_val: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    name: str
+    builder: Callable[["DataSection"], DatasetSplits]
+    description: str
+    needs_root: bool  # the user points data.root at their files
+
+
+_DATASETS: dict[str, DatasetEntry] = {}
+
+
+def register_dataset(name: str, *, description: str, needs_root: bool = False):
+    def wrap(builder):
+        if name in _DATASETS:
+            raise ValueError(f"dataset {name!r} is already registered")
+        _DATASETS[name] = DatasetEntry(name, builder, description, needs_root)
+        return builder
+
+    return wrap
+
+
+def get_dataset_entry(name: str) -> DatasetEntry:
+    try:
+        return _DATASETS[name]
+    except KeyError:
+        raise UserError(f"unknown dataset {name!r} (valid: {', '.join(sorted(_DATASETS))})") from None
+
+
+def build_dataset(cfg: "DataSection") -> DatasetSplits:
+    entry = get_dataset_entry(cfg.name)
+    if entry.needs_root and not cfg.root:
+        raise UserError(f"dataset {cfg.name!r} needs data.root=PATH (where its files are)")
+    return entry.builder(cfg)
+
+
+def list_datasets() -> list[DatasetEntry]:
+    return [e for _, e in sorted(_DATASETS.items())]

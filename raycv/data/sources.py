@@ -1,0 +1,226 @@
+"""The dataset sources. Each lists its inputs on the driver and hands Ray Data undecoded rows;
+decoding happens later, in Ray Data tasks (`raycv.data.decode`)."""
+
+from __future__ import annotations
+
+import pickle
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.data
+
+from raycv.config import DataSection
+from raycv.data import bundled
+from raycv.data.io import IMAGE_EXTENSIONS, is_dir, list_files, normalize, read_bytes
+from raycv.data.presets import IMAGENET_MEAN, IMAGENET_STD
+from raycv.data.registry import DatasetSplits, register_dataset
+from raycv.errors import UserError
+
+
+def _num_blocks(n: int) -> int:
+    return max(4, min(200, n // 256))
+
+
+def stratified_split(items: list[tuple[str, int]], val_fraction: float, seed: int):
+    """Per class, a seeded shuffle, then the first round(n * val_fraction) go to val."""
+    by_class: dict[int, list[tuple[str, int]]] = defaultdict(list)
+    for item in items:
+        by_class[item[1]].append(item)
+    rng = random.Random(seed)
+    train, val = [], []
+    for label in sorted(by_class):
+        group = sorted(by_class[label])
+        rng.shuffle(group)
+        k = max(1, round(len(group) * val_fraction)) if len(group) > 1 else 0
+        val += group[:k]
+        train += group[k:]
+    rng.shuffle(train)  # blocks must not be sorted by class: shuffling on the worker is local
+    return train, val
+
+
+def _folder_items(root: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """An ImageNet-style tree `<root>/<class>/.../<image>` -> (classes, [(path, label)])."""
+    files = list_files(root, IMAGE_EXTENSIONS)
+    base = normalize(root).rstrip("/")
+    pairs = []
+    for f in files:
+        parts = f[len(base):].lstrip("/").split("/")
+        if len(parts) < 2:
+            continue  # files directly under root have no class folder
+        pairs.append((f, parts[0]))
+    classes = sorted({c for _, c in pairs})
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, [(f, index[c]) for f, c in pairs]
+
+
+def _rows(items: list[tuple[str, int]], *, embed_bytes: bool) -> ray.data.Dataset:
+    rows: list[dict[str, Any]] = []
+    for path, label in items:
+        row: dict[str, Any] = {"path": path, "label": label}
+        if embed_bytes:  # small bundled sets travel with the job, so any node can decode them
+            row["bytes"] = read_bytes(path)
+        rows.append(row)
+    return ray.data.from_items(rows, override_num_blocks=_num_blocks(len(rows)))
+
+
+def _from_folder_split(root: str, cfg: DataSection, *, embed_bytes: bool, mean, std) -> DatasetSplits:
+    classes, items = _folder_items(root)
+    if not items:
+        raise UserError(f"no images found under {root} (expected <root>/<class>/<image>)")
+    train, val = stratified_split(items, cfg.val_fraction, cfg.seed)
+    return DatasetSplits(classes, _rows(train, embed_bytes=embed_bytes), _rows(val, embed_bytes=embed_bytes),
+                         len(train), len(val), mean, std)
+
+
+@register_dataset("digits", description="scikit-learn's 1,797 handwritten digit scans (8x8, bundled, offline); the default")
+def digits(cfg: DataSection) -> DatasetSplits:
+    return _from_folder_split(str(bundled.digits_root()), cfg, embed_bytes=True, mean=(0.305,) * 3, std=(0.376,) * 3)
+
+
+@register_dataset("shapes", description="generated circles, squares and triangles (64 px), any number, seeded")
+def shapes(cfg: DataSection) -> DatasetSplits:
+    root = bundled.shapes_root(cfg.num_samples, cfg.seed)
+    return _from_folder_split(str(root), cfg, embed_bytes=True, mean=(0.25,) * 3, std=(0.3,) * 3)
+
+
+@register_dataset("image_folder", needs_root=True,
+                  description="an ImageNet-style tree: <root>/{train,val}/<class>/<image>, or <root>/<class>/<image> split by data.val_fraction")
+def image_folder(cfg: DataSection) -> DatasetSplits:
+    root = cfg.root.rstrip("/")
+    if not is_dir(root):
+        raise UserError(f"data.root is not a folder: {root}")
+    mean = tuple(cfg.mean or IMAGENET_MEAN)
+    std = tuple(cfg.std or IMAGENET_STD)
+    if is_dir(f"{root}/train") and is_dir(f"{root}/val"):
+        classes, train = _folder_items(f"{root}/train")
+        val_classes, val = _folder_items(f"{root}/val")
+        unknown = sorted(set(val_classes) - set(classes))
+        if unknown:
+            raise UserError(f"{root}/val has classes that train lacks: {', '.join(unknown)}")
+        remap = {i: classes.index(c) for i, c in enumerate(val_classes)}
+        val = [(p, remap[label]) for p, label in val]
+        if not train or not val:
+            raise UserError(f"no images found under {root}/train or {root}/val")
+        return DatasetSplits(classes, _rows(train, embed_bytes=False), _rows(val, embed_bytes=False),
+                             len(train), len(val), mean, std)
+    return _from_folder_split(root, cfg, embed_bytes=False, mean=mean, std=std)
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10, as users download it: cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}
+# ----------------------------------------------------------------------------------------------
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """The CIFAR batches are pickles; load them without letting them name arbitrary callables."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
+
+
+def load_cifar_batch(data: bytes) -> dict:
+    import io
+
+    try:
+        return _ArraysOnly(io.BytesIO(data), encoding="bytes").load()
+    except Exception as e:
+        raise UserError(f"not a CIFAR-10 python batch: {e}") from None
+
+
+def _cifar_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    path = str(batch["file"][0])
+    d = load_cifar_batch(read_bytes(path))
+    images = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3)
+    labels = np.asarray(d[b"labels"], dtype=np.int64)
+    name = path.rsplit("/", 1)[-1]
+    return {"path": np.asarray([f"{name}#{i}" for i in range(len(labels))], dtype=object),
+            "label": labels, "image": images}
+
+
+@register_dataset("cifar10", needs_root=True, description="CIFAR-10 python batches (data.root=.../cifar-10-batches-py)")
+def cifar10(cfg: DataSection) -> DatasetSplits:
+    root = cfg.root.rstrip("/")
+    train_files = [f"{root}/data_batch_{i}" for i in range(1, 6)]
+    present = [f for f in train_files if f in set(list_files(root))] if is_dir(root) else []
+    if not present or not is_dir(root):
+        raise UserError(f"{root} does not look like cifar-10-batches-py (no data_batch_* files)")
+    meta = load_cifar_batch(read_bytes(f"{root}/batches.meta"))
+    classes = [c.decode() for c in meta[b"label_names"]]
+    counts = {f: len(load_cifar_batch(read_bytes(f))[b"labels"]) for f in present + [f"{root}/test_batch"]}
+
+    def ds(files):
+        return ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files)).map_batches(
+            _cifar_rows, batch_size=1)
+
+    return DatasetSplits(classes, ds(present), ds([f"{root}/test_batch"]),
+                         sum(counts[f] for f in present), counts[f"{root}/test_batch"],
+                         tuple(cfg.mean or (0.4914, 0.4822, 0.4465)), tuple(cfg.std or (0.2470, 0.2435, 0.2616)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Parquet with encoded image bytes and a label column
+# ----------------------------------------------------------------------------------------------
+
+
+def _parquet_split(path: str, cfg: DataSection) -> ray.data.Dataset:
+    import pyarrow.parquet as pq
+
+    from raycv.data.io import resolve
+
+    files = [f for f in list_files(path) if f.endswith(".parquet")]
+    if not files:
+        raise UserError(f"no .parquet files under {path}")
+    fs, p = resolve(files[0])
+    names = pq.read_schema(p, filesystem=fs).names
+    for col in (cfg.image_column, cfg.label_column):
+        if col not in names:
+            raise UserError(f"parquet {path} has no column {col!r} (columns: {', '.join(names)})")
+    cols = [cfg.image_column, cfg.label_column] + (["path"] if "path" in names else [])
+    return ray.data.read_parquet(files).select_columns(cols)
+
+
+def _parquet_classes(dss: list[ray.data.Dataset], label_column: str) -> tuple[list[str], bool]:
+    sample = dss[0].select_columns([label_column]).take(1)
+    if sample and isinstance(sample[0][label_column], str):
+        labels = set()
+        for d in dss:
+            labels |= set(d.unique(label_column))
+        return sorted(labels), True
+    top = max(int(d.max(label_column)) for d in dss)
+    return [str(i) for i in range(top + 1)], False
+
+
+def _parquet_rows(batch: dict[str, np.ndarray], *, image_column: str, label_column: str,
+                  index: dict[str, int] | None, source: str) -> dict[str, np.ndarray]:
+    labels = batch[label_column]
+    n = len(labels)
+    out = {"bytes": batch[image_column],
+           "label": np.asarray([index[str(v)] for v in labels] if index else labels, dtype=np.int64)}
+    out["path"] = batch["path"] if "path" in batch else np.asarray([source] * n, dtype=object)
+    return out
+
+
+@register_dataset("parquet", needs_root=True,
+                  description="Parquet with encoded image bytes (data.image_column) and a label (data.label_column); train/ and val/ subfolders or a split")
+def parquet(cfg: DataSection) -> DatasetSplits:
+    root = cfg.root.rstrip("/")
+    if is_dir(f"{root}/train") and is_dir(f"{root}/val"):
+        train, val = _parquet_split(f"{root}/train", cfg), _parquet_split(f"{root}/val", cfg)
+    else:
+        whole = _parquet_split(root, cfg).materialize()
+        train, val = whole.train_test_split(test_size=cfg.val_fraction, shuffle=True, seed=cfg.seed)
+    classes, by_name = _parquet_classes([train, val], cfg.label_column)
+    fn_kwargs = dict(image_column=cfg.image_column, label_column=cfg.label_column,
+                     index={c: i for i, c in enumerate(classes)} if by_name else None, source=root)
+    train = train.map_batches(_parquet_rows, fn_kwargs=fn_kwargs, batch_format="numpy")
+    val = val.map_batches(_parquet_rows, fn_kwargs=fn_kwargs, batch_format="numpy")
+    return DatasetSplits(classes, train, val, train.count(), val.count(),
+                         tuple(cfg.mean or IMAGENET_MEAN), tuple(cfg.std or IMAGENET_STD))

@@ -1,0 +1,62 @@
+"""One registry that maps a model name to its constructor (after torchvision's `_api.py`).
+
+`register_model` adds a constructor; a duplicate name raises. `get_model` builds a model by name
+and raises with the list of valid names for an unknown one. `list_models` lists them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from raycv.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    builder: Callable[..., nn.Module]  # builder(*, num_classes, weights, **kwargs) -> nn.Module
+    task: str  # "classification" (detection / segmentation later)
+    source: str  # "raycv" or "torchvision"
+    default_input_size: int  # the input side the model was designed for, pixels
+
+
+_MODELS: dict[str, ModelEntry] = {}
+
+
+def register_model(
+    name: str, *, task: str = "classification", source: str = "raycv", default_input_size: int = 224
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        _MODELS[name] = ModelEntry(name, builder, task, source, default_input_size)
+        return builder
+
+    return wrap
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    try:
+        return _MODELS[name]
+    except KeyError:
+        raise UserError(
+            f"unknown model {name!r} (valid: {', '.join(sorted(_MODELS))})"
+        ) from None
+
+
+def get_model(name: str, *, num_classes: int, weights: str | None = None, **kwargs) -> nn.Module:
+    """Build a model by registry name. `weights` names pretrained torchvision weights."""
+    entry = get_model_entry(name)
+    if weights is not None and entry.source != "torchvision":
+        raise UserError(f"model {name!r} has no pretrained weights (only torchvision models do)")
+    try:
+        return entry.builder(num_classes=num_classes, weights=weights, **kwargs)
+    except TypeError as e:
+        raise UserError(f"model {name!r} does not take these arguments {kwargs}: {e}") from None
+
+
+def list_models(task: str | None = None) -> list[ModelEntry]:
+    return [e for _, e in sorted(_MODELS.items()) if task is None or e.task == task]

@@ -1,0 +1,120 @@
+"""The checkpoint format (shared/ARCHITECTURE.md): a directory holding
+
+- `model.pt`: the model's state_dict, tensors only (`torch.load(..., weights_only=True)`);
+- `raycv.json`: what rebuilds the model and its eval preprocessing (task, model name and
+  arguments, class names, eval preset) plus the epoch, its metrics and the run config;
+- `train_state.pt`: optimizer, scheduler and epoch for resume, tensors and plain values only.
+
+Loading never unpickles arbitrary objects: a file that needs more than tensors is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import raycv
+from raycv.data.presets import ClassificationEvalPreset
+from raycv.errors import UserError
+
+MODEL_FILE = "model.pt"
+META_FILE = "raycv.json"
+STATE_FILE = "train_state.pt"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class CheckpointInfo:
+    task: str
+    model_name: str
+    model_kwargs: dict[str, Any]
+    classes: list[str]
+    preprocess: ClassificationEvalPreset
+    epoch: int
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": "raycv-checkpoint", "format_version": FORMAT_VERSION, "raycv_version": raycv.__version__,
+                "task": self.task, "model": {"name": self.model_name, "kwargs": self.model_kwargs},
+                "classes": self.classes, "num_classes": len(self.classes), "preprocess": self.preprocess.to_dict(),
+                "epoch": self.epoch, "metrics": self.metrics, "config": self.config}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "CheckpointInfo":
+        return cls(task=d["task"], model_name=d["model"]["name"], model_kwargs=d["model"].get("kwargs", {}),
+                   classes=list(d["classes"]), preprocess=ClassificationEvalPreset.from_dict(d["preprocess"]),
+                   epoch=int(d["epoch"]), metrics=d.get("metrics", {}), config=d.get("config", {}))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def write_checkpoint(directory: str | os.PathLike, model: nn.Module, info: CheckpointInfo,
+                     train_state: dict[str, Any] | None = None) -> Path:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save(unwrap(model).state_dict(), d / MODEL_FILE)
+    if train_state is not None:
+        torch.save(train_state, d / STATE_FILE)
+    (d / META_FILE).write_text(json.dumps(info.to_json(), indent=1))  # last: its presence marks a whole checkpoint
+    return d
+
+
+def new_checkpoint_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="raycv-ckpt-"))
+
+
+def _tensors_only(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"refusing to load {path}: not a tensors-only raycv file "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def read_info(directory: str | os.PathLike) -> CheckpointInfo:
+    d = Path(directory)
+    if not d.is_dir():
+        raise UserError(f"checkpoint not found: {d}")
+    meta = d / META_FILE
+    if not meta.is_file() or not (d / MODEL_FILE).is_file():
+        raise UserError(f"not a raycv checkpoint: {d} lacks {META_FILE} or {MODEL_FILE}")
+    try:
+        data = json.loads(meta.read_text())
+        if data.get("format") != "raycv-checkpoint":
+            raise ValueError("format is not raycv-checkpoint")
+        return CheckpointInfo.from_json(data)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"not a raycv checkpoint: {meta} is unreadable ({e})") from None
+
+
+def load_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    return _tensors_only(Path(directory) / MODEL_FILE)
+
+
+def load_train_state(directory: str | os.PathLike) -> dict[str, Any] | None:
+    p = Path(directory) / STATE_FILE
+    return _tensors_only(p) if p.is_file() else None
+
+
+def load_model(directory: str | os.PathLike) -> tuple[nn.Module, CheckpointInfo]:
+    """Rebuild the model from `raycv.json` and load `model.pt` into it (weights only)."""
+    from raycv.models import get_model
+
+    info = read_info(directory)
+    model = get_model(info.model_name, num_classes=len(info.classes), **info.model_kwargs)
+    try:
+        model.load_state_dict(load_state_dict(directory))
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {directory} does not fit model {info.model_name!r} with "
+                        f"{len(info.classes)} classes: {str(e).splitlines()[0]}") from None
+    return model.eval(), info

@@ -1,0 +1,197 @@
+"""The training driver: `fit(cfg)` builds the datasets and the TorchTrainer, runs it, and writes
+the run directory (resolved config, metrics log, checkpoints, summary.json)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import ray
+import ray.data
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from raycv import runtime
+from raycv.config import TrainConfig, default_run_name, resolve_storage_path, to_yaml
+from raycv.data import build_dataset
+from raycv.data.decode import decode_batch
+from raycv.data.presets import ClassificationEvalPreset, ClassificationTrainPreset
+from raycv.errors import UserError
+from raycv.models import get_model, get_model_entry
+from raycv.train.worker import METRICS_LOG, train_loop_per_worker
+
+
+class _ExactValSplit(DataConfig):
+    """Ray's default splits every dataset with `streaming_split(equal=True)`, which drops rows to
+    even the shards. Training wants that (DDP ranks must step together); validation must count
+    every sample exactly once, so it is split with equal=False."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        out = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            if name != "val":
+                for i, it in enumerate(super().configure({name: ds}, world_size, worker_handles, worker_node_ids, **kwargs)):
+                    out[i].update(it)
+                continue
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                out[i][name] = split
+        return out
+
+
+@dataclass
+class TrainSummary:
+    run_dir: str
+    best_checkpoint: str | None
+    latest_checkpoint: str | None
+    epochs: int
+    val_accuracy: float | None
+    val_top5: float | None
+    val_loss: float | None
+    images_per_second: float | None
+    wall_seconds: float
+    resumed_from_epoch: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def make_presets(cfg: TrainConfig, mean, std) -> tuple[ClassificationTrainPreset, ClassificationEvalPreset]:
+    size = cfg.data.input_size
+    resize = cfg.data.resize_size or size
+    if resize < size:
+        raise UserError(f"data.resize_size={resize} is smaller than data.input_size={size}")
+    train = ClassificationTrainPreset(input_size=size, resize_size=resize, augment=cfg.data.augment,
+                                      hflip=cfg.data.hflip, mean=tuple(mean), std=tuple(std))
+    val = ClassificationEvalPreset(input_size=size, resize_size=resize, mean=tuple(mean), std=tuple(std))
+    return train, val
+
+
+def decoded(ds: ray.data.Dataset, preset, *, num_cpus: float, cache: bool) -> ray.data.Dataset:
+    ds = ds.map_batches(decode_batch, fn_kwargs={"geometry": preset.geometry, "shape": preset.shape},
+                        batch_size=64, num_cpus=num_cpus).select_columns(["image", "label"])
+    return ds.materialize() if cache else ds
+
+
+class _Progress(threading.Thread):
+    """Prints one line per epoch as rank 0 appends it to the metrics log."""
+
+    def __init__(self, log: Path, echo: Callable[[str], None]):
+        super().__init__(daemon=True)
+        self.log, self.echo, self.stop = log, echo, threading.Event()
+        self.pos = log.stat().st_size if log.exists() else 0
+
+    def run(self) -> None:
+        while not self.stop.wait(0.5):
+            self.poll()
+        self.poll()
+
+    def poll(self) -> None:
+        if not self.log.exists():
+            return
+        with open(self.log) as f:
+            f.seek(self.pos)
+            chunk = f.read()
+        lines = chunk.split("\n")
+        self.pos += len(chunk) - len(lines[-1])
+        for line in lines[:-1]:
+            if line.strip():
+                self.echo(format_epoch(json.loads(line)))
+
+
+def format_epoch(m: dict) -> str:
+    left = (m["epochs"] - m["epoch"]) * (m["train_seconds"] + m.get("val_seconds", 0.0))
+    return (f"epoch {m['epoch']:>3}/{m['epochs']}  loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
+            f"val_acc {m['val_accuracy']:.4f}  top5 {m['val_top5']:.4f}  {m['images_per_second']:,.0f} img/s  "
+            f"left ~{left:.0f}s")
+
+
+def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
+    """Train `cfg` with Ray Train; resume when `run.name` names an existing run."""
+    t_start = time.perf_counter()
+    get_model_entry(cfg.model.name)  # unknown model: fail before Ray starts
+    runtime.connect(cfg.run.address, verbose=cfg.run.verbose)
+    storage = resolve_storage_path(cfg.run.storage_path)
+    name = cfg.run.name or default_run_name(cfg)
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name, "storage_path": storage})})
+    run_dir = Path(storage) / name
+    if "://" in storage:
+        raise UserError("run.storage_path must be a local or shared folder for now (object storage comes with cluster support)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    resources, threads = runtime.plan_worker_resources(
+        num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
+        gpus_per_worker=cfg.scaling.gpus_per_worker, data_cpus=cfg.scaling.data_cpus, total_cpus=runtime.cluster_cpus())
+
+    splits = build_dataset(cfg.data)
+    train_preset, eval_preset = make_presets(cfg, splits.mean, splits.std)
+    get_model(cfg.model.name, num_classes=len(splits.classes), weights=cfg.model.weights, **cfg.model.kwargs)  # fail here, not in workers
+    echo(f"raycv: {cfg.model.name} on {cfg.data.name} ({splits.num_train} train / {splits.num_val} val images, "
+         f"{len(splits.classes)} classes), {cfg.scaling.num_workers} worker(s) x {resources}; run {run_dir}")
+    train_ds = decoded(splits.train, train_preset, num_cpus=cfg.data.decode_cpus, cache=cfg.data.cache)
+    val_ds = decoded(splits.val, eval_preset, num_cpus=cfg.data.decode_cpus, cache=cfg.data.cache)
+
+    order = "max" if cfg.train.checkpoint_metric != "val_loss" else "min"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"), "classes": splits.classes, "run_dir": str(run_dir),
+            "train_preset": {k: getattr(train_preset, k) for k in ("input_size", "resize_size", "augment", "hflip", "mean", "std")},
+            "eval_preset": eval_preset.to_dict(), "num_train": splits.num_train, "threads": threads,
+        },
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                               checkpoint_score_attribute=cfg.train.checkpoint_metric,
+                                               checkpoint_score_order=order),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets={"train": train_ds.randomize_block_order(), "val": val_ds},
+        dataset_config=_ExactValSplit(),
+    )
+    progress = _Progress(run_dir / METRICS_LOG, echo)
+    first_epoch = _logged_epochs(run_dir)
+    progress.start()
+    try:
+        result = trainer.fit()
+    finally:
+        progress.stop.set()
+        progress.join()
+
+    best = result.get_best_checkpoint(metric=cfg.train.checkpoint_metric, mode=order) if result.best_checkpoints else None
+    best_metrics = next((m for c, m in result.best_checkpoints or [] if best is not None and c.path == best.path), {})
+    last = result.metrics or {}
+    summary = TrainSummary(
+        run_dir=str(run_dir), best_checkpoint=best.path if best else None,
+        latest_checkpoint=result.checkpoint.path if result.checkpoint else None,
+        epochs=int(last.get("epoch", 0)), val_accuracy=best_metrics.get("val_accuracy"),
+        val_top5=best_metrics.get("val_top5"), val_loss=best_metrics.get("val_loss"),
+        images_per_second=_mean_throughput(run_dir), wall_seconds=time.perf_counter() - t_start,
+        resumed_from_epoch=first_epoch,
+    )
+    (run_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=1))
+    return summary
+
+
+def _logged_epochs(run_dir: Path) -> int:
+    p = run_dir / METRICS_LOG
+    if not p.is_file():
+        return 0
+    return max((json.loads(ln)["epoch"] for ln in p.read_text().splitlines() if ln.strip()), default=0)
+
+
+def _mean_throughput(run_dir: Path) -> float | None:
+    p = run_dir / METRICS_LOG
+    if not p.is_file():
+        return None
+    rows = [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+    steady = rows[1:] or rows  # the first epoch pays for warm-up
+    return sum(r["images_per_second"] for r in steady) / len(steady) if steady else None

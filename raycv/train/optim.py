@@ -1,0 +1,59 @@
+"""Optimizers, the learning-rate schedule, the loss and top-k accuracy."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from raycv.config import OptimSection, TrainSection
+
+
+def build_optimizer(params, cfg: OptimSection) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, *, steps_per_epoch: int, cfg: TrainSection) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then decay."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return cfg.warmup_factor + (1.0 - cfg.warmup_factor) * step / warmup
+    if cfg.lr_schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if cfg.lr_schedule == "step":
+        return cfg.step_gamma ** (step // (cfg.step_epochs * steps_per_epoch))
+    return 1.0
+
+
+def build_scheduler(optimizer, *, steps_per_epoch: int, cfg: TrainSection) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps_per_epoch=steps_per_epoch, cfg=cfg))
+
+
+def build_loss(cfg: TrainSection) -> nn.Module:
+    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+
+def correct_topk(output: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...] = (1, 5)) -> list[int]:
+    """How many of the batch have the target among the top-k logits, for each k.
+
+    output: (B, num_classes) logits; target: (B,) class indices. k larger than the class count
+    counts every sample.
+    """
+    maxk = min(max(topk), output.shape[1])
+    pred = output.topk(maxk, dim=1).indices  # (B, maxk)
+    hits = pred.eq(target.view(-1, 1))  # (B, maxk)
+    return [int(hits[:, : min(k, maxk)].any(dim=1).sum()) for k in topk]
+
+
+def accuracy(output: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...] = (1, 5)) -> list[float]:
+    n = max(1, target.shape[0])
+    return [c / n for c in correct_topk(output, target, topk)]

@@ -1,0 +1,153 @@
+"""The Ray Train worker: `train_loop_per_worker(config)`, run once per DDP rank.
+
+Everything here runs inside Ray Train worker processes. Rank 0 alone writes checkpoints and the
+metrics log; every rank calls `ray.train.report` the same number of times (it is a barrier).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.train import Checkpoint
+
+from raycv.config import TrainConfig
+from raycv.data.presets import ClassificationEvalPreset, ClassificationTrainPreset
+from raycv.models import get_model
+from raycv.train import checkpoint as ckpt
+from raycv.train.optim import build_loss, build_optimizer, build_scheduler, correct_topk
+
+METRICS_LOG = "metrics.jsonl"
+
+
+class AugmentCollate(NumpyBatchCollateFn):
+    """Runs in Ray Data's prefetch threads on the worker: random augmentation of a uint8 batch."""
+
+    def __init__(self, preset: ClassificationTrainPreset | None):
+        self.preset = preset
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))  # (B, C, S, S) uint8
+        if self.preset is not None:
+            images = self.preset.augment_batch(images)  # (B, C, H, W) uint8
+        return {"image": images, "label": torch.from_numpy(np.asarray(batch["label"], dtype=np.int64))}
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, shard, preset: ClassificationEvalPreset, loss_fn, batch_size: int,
+             device: torch.device) -> dict[str, float]:
+    """Loss, top-1 and top-5 over this rank's shard, summed over all ranks: each sample once."""
+    model.eval()
+    loss_sum = c1 = c5 = n = 0.0
+    for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=AugmentCollate(None)):
+        x, y = preset.normalize(batch["image"].to(device)), batch["label"].to(device)
+        out = model(x)
+        loss_sum += float(loss_fn(out, y)) * y.shape[0]
+        k1, k5 = correct_topk(out, y, (1, 5))
+        c1, c5, n = c1 + k1, c5 + k5, n + y.shape[0]
+    loss_sum, c1, c5, n = _all_reduce_sum([loss_sum, c1, c5, n], device)
+    return {"val_loss": loss_sum / max(n, 1), "val_accuracy": c1 / max(n, 1), "val_top5": c5 / max(n, 1),
+            "val_count": int(n)}
+
+
+def _log_epoch(run_dir: Path, record: dict[str, Any]) -> None:
+    with open(run_dir / METRICS_LOG, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _trim_log(run_dir: Path, before_epoch: int) -> None:
+    """On resume, drop log lines of epochs that will be trained again (no duplicates)."""
+    p = run_dir / METRICS_LOG
+    if p.is_file():
+        keep = [ln for ln in p.read_text().splitlines() if ln and json.loads(ln).get("epoch", 0) < before_epoch]
+        p.write_text("".join(ln + "\n" for ln in keep))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    cfg = TrainConfig.model_validate(config["cfg"])
+    classes: list[str] = config["classes"]
+    run_dir = Path(config["run_dir"])
+    train_preset = ClassificationTrainPreset(**config["train_preset"])
+    eval_preset = ClassificationEvalPreset.from_dict(config["eval_preset"])
+    torch.set_num_threads(config["threads"])
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.train.seed * 1000 + rank)
+    device = ray.train.torch.get_device()
+
+    model = get_model(cfg.model.name, num_classes=len(classes), weights=cfg.model.weights, **cfg.model.kwargs)
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    rows_per_rank = config["num_train"] // world  # streaming_split(equal=True) gives each rank this many
+    steps_per_epoch = max(1, math.ceil(rows_per_rank / cfg.data.batch_size))
+    scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, cfg=cfg.train)
+    loss_fn = build_loss(cfg.train)
+
+    start_epoch = 1
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            model.load_state_dict(ckpt.load_state_dict(d))
+            state = ckpt.load_train_state(d)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+    if rank == 0:
+        _trim_log(run_dir, start_epoch)
+
+    model = ray.train.torch.prepare_model(model)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    collate = AugmentCollate(train_preset)
+
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum, seen = 0.0, 0
+        for batch in train_shard.iter_torch_batches(batch_size=cfg.data.batch_size, collate_fn=collate,
+                                                    prefetch_batches=2, local_shuffle_buffer_size=4 * cfg.data.batch_size,
+                                                    local_shuffle_seed=None):
+            x = train_preset.normalize(batch["image"].to(device))  # (B, C, H, W) float32
+            y = batch["label"].to(device)
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.item() * y.shape[0]
+            seen += y.shape[0]
+        train_time = time.perf_counter() - t0
+        loss_sum, seen, train_time = _all_reduce_sum([loss_sum, seen, train_time], device)
+        train_time /= world
+        metrics = {"epoch": epoch, "epochs": cfg.train.epochs, "train_loss": loss_sum / max(seen, 1),
+                   "train_images": int(seen), "images_per_second": seen / max(train_time, 1e-9),
+                   "train_seconds": train_time, "lr": optimizer.param_groups[0]["lr"]}
+        t1 = time.perf_counter()
+        metrics.update(evaluate(ckpt.unwrap(model), val_shard, eval_preset, loss_fn, cfg.data.batch_size, device))
+        metrics["val_seconds"] = time.perf_counter() - t1
+
+        checkpoint = None
+        if rank == 0:
+            info = ckpt.CheckpointInfo(task="classification", model_name=cfg.model.name, model_kwargs=cfg.model.kwargs,
+                                       classes=classes, preprocess=eval_preset, epoch=epoch, metrics=metrics,
+                                       config=config["cfg"])
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}
+            checkpoint = Checkpoint.from_directory(str(ckpt.write_checkpoint(ckpt.new_checkpoint_dir(), model, info, state)))
+            _log_epoch(run_dir, {**metrics, "time": time.time()})
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")

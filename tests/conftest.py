@@ -1,0 +1,60 @@
+"""Shared fixtures: one real local Ray instance for the whole session (each start costs seconds),
+with its own temp dir; image fixtures written as real files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def raycv_cache(tmp_path_factory):
+    """Bundled datasets are generated into a per-session cache: the generation code is tested too."""
+    cache = tmp_path_factory.mktemp("raycv-cache")
+    os.environ["RAYCV_CACHE"] = str(cache)
+    yield cache
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+    import ray.data
+
+    temp_dir = tempfile.mkdtemp(prefix="rcv-")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
+             logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def write_image(path: Path, rng: np.random.Generator, size=(24, 24), color=None, mode="RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+    if color is not None:
+        arr[:] = color
+    Image.fromarray(arr).convert(mode).save(path)
+    return path
+
+
+@pytest.fixture
+def image_tree(tmp_path) -> Path:
+    """<root>/{train,val}/{cat,dog}/*.png|jpg: 2 classes, 12 train and 4 val images each."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "tree"
+    for split, n in (("train", 12), ("val", 4)):
+        for cls, color in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
+            for i in range(n):
+                ext = "png" if i % 2 else "jpg"
+                write_image(root / split / cls / f"{i}.{ext}", rng, color=color)
+    return root

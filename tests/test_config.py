@@ -1,0 +1,82 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raycv.config import TrainConfig, load_config, parse_overrides
+from raycv.errors import ConfigError
+
+RECIPES = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml"))
+
+
+def test_there_are_recipes():
+    assert len(RECIPES) >= 4
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_loads(recipe):
+    cfg = load_config("train", recipe)
+    assert isinstance(cfg, TrainConfig)
+    from raycv.data import get_dataset_entry
+    from raycv.models import get_model_entry
+
+    get_dataset_entry(cfg.data.name)
+    get_model_entry(cfg.model.name)
+
+
+def test_required_keys_exist_and_override():
+    cfg = load_config("train", None, ["data.name=shapes", "model.name=resnet18_cifar", "train.epochs=3",
+                                      "scaling.num_workers=1", "run.storage_path=/tmp/x", "run.name=abc"])
+    assert (cfg.data.name, cfg.model.name, cfg.train.epochs) == ("shapes", "resnet18_cifar", 3)
+    assert (cfg.scaling.num_workers, cfg.run.storage_path, cfg.run.name) == (1, "/tmp/x", "abc")
+
+
+def test_overrides_beat_the_recipe(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  epochs: 7\noptim:\n  lr: 0.5\n")
+    cfg = load_config("train", recipe, ["train.epochs=2"])
+    assert cfg.train.epochs == 2 and cfg.optim.lr == 0.5
+
+
+def test_override_values_are_yaml():
+    assert parse_overrides(["data.mean=[0.5, 0.5, 0.5]", "run.name=null", "a.b.c=x"]) == {
+        "data": {"mean": [0.5, 0.5, 0.5]}, "run": {"name": None}, "a": {"b": {"c": "x"}}}
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.epoch=3", "unknown config key 'train.epoch' (valid keys here: epochs,"),
+    ("trian.epochs=3", "unknown config key 'trian'"),
+    ("train.epochs=abc", "train.epochs='abc'"),
+    ("train.epochs=0", "greater than or equal to 1"),
+    ("optim.name=rmsprop", "'sgd', 'adam' or 'adamw'"),
+    ("data.batch_size=-4", "data.batch_size=-4"),
+    ("noequals", "not of the form section.key=value"),
+])
+def test_bad_values_name_key_value_and_choices(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config("train", None, [override])
+    msg = str(e.value)
+    assert expected in msg and "\n" not in msg
+
+
+def test_missing_recipe_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("train", "/nonexistent/recipe.yaml")
+
+
+def test_cli_config_error_is_one_line_exit_2():
+    """A real process, no Ray: the bad key fails before Ray starts."""
+    r = subprocess.run([sys.executable, "-m", "raycv.cli", "train", "train.epoch=3"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.epoch" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_cli_lists_models_and_datasets():
+    r = subprocess.run([sys.executable, "-m", "raycv.cli", "models"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "simple_cnn" in r.stdout and "resnet18_cifar" in r.stdout and "resnet50" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "raycv.cli", "datasets"], capture_output=True, text=True, timeout=120)
+    for name in ("digits", "shapes", "image_folder", "cifar10", "parquet"):
+        assert name in r.stdout

@@ -1,0 +1,186 @@
+import io
+import pickle
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from raycv.config import DataSection
+from raycv.data import build_dataset
+from raycv.data.decode import decode_batch, open_rgb
+from raycv.data.presets import ClassificationEvalPreset
+from raycv.data.sources import load_cifar_batch, stratified_split
+from raycv.errors import UserError
+from raycv.train.driver import decoded
+
+PRESET = ClassificationEvalPreset(input_size=16, resize_size=16)
+
+
+def _decode_all(ds):
+    rows = decoded(ds, PRESET, num_cpus=0.5, cache=False).take_all()
+    return np.stack([r["image"] for r in rows]), np.array([r["label"] for r in rows])
+
+
+def test_digits_real_files_seeded_split(ray_session, raycv_cache):
+    a = build_dataset(DataSection(name="digits"))
+    b = build_dataset(DataSection(name="digits"))
+    assert a.num_train + a.num_val == 1797 and a.classes == [str(i) for i in range(10)]
+    assert sorted(r["path"] for r in a.val.take_all()) == sorted(r["path"] for r in b.val.take_all())
+    pngs = list((raycv_cache / "digits-v1").rglob("*.png"))
+    assert len(pngs) == 1797 and Image.open(pngs[0]).size == (8, 8)
+    images, labels = _decode_all(a.val)
+    assert images.shape == (a.num_val, 3, 16, 16) and images.dtype == np.uint8
+    assert set(labels) == set(range(10))
+
+
+def test_shapes_are_reproducible_from_a_seed(ray_session):
+    cfg = DataSection(name="shapes", num_samples=60, seed=3)
+    a, b = build_dataset(cfg), build_dataset(cfg)
+    assert a.classes == ["circle", "square", "triangle"] and a.num_train + a.num_val == 60
+    ia, la = _decode_all(a.val)
+    ib, lb = _decode_all(b.val)
+    order_a, order_b = np.lexsort([la, ia.reshape(len(ia), -1).sum(1)]), np.lexsort([lb, ib.reshape(len(ib), -1).sum(1)])
+    assert np.array_equal(ia[order_a], ib[order_b])
+
+
+def test_image_folder_with_train_and_val(ray_session, image_tree):
+    s = build_dataset(DataSection(name="image_folder", root=str(image_tree)))
+    assert s.classes == ["cat", "dog"] and (s.num_train, s.num_val) == (24, 8)
+    images, labels = _decode_all(s.val)
+    # cats are red, dogs blue: the label follows the folder
+    red = images[:, 0].mean(axis=(1, 2)) > images[:, 2].mean(axis=(1, 2))
+    assert np.array_equal(red, labels == 0)
+
+
+def test_image_folder_split_by_fraction(ray_session, image_tree):
+    s = build_dataset(DataSection(name="image_folder", root=str(image_tree / "train"), val_fraction=0.25))
+    assert (s.num_train, s.num_val) == (18, 6)
+    train_paths = {r["path"] for r in s.train.take_all()}
+    val_paths = {r["path"] for r in s.val.take_all()}
+    assert not train_paths & val_paths and len(train_paths | val_paths) == 24
+
+
+def test_image_folder_missing_root():
+    with pytest.raises(UserError, match="not a folder"):
+        build_dataset(DataSection(name="image_folder", root="/nonexistent/images"))
+    with pytest.raises(UserError, match="needs data.root"):
+        build_dataset(DataSection(name="image_folder"))
+
+
+def _cifar_fixture(root, per_batch=20):
+    """The real cifar-10-batches-py layout and pickle format (dicts of bytes keys, uint8 rows)."""
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": names, b"num_cases_per_batch": per_batch, b"num_vis": 3072}, f, protocol=2)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [int(x) for x in rng.integers(0, 10, per_batch)]
+        data = np.zeros((per_batch, 3072), dtype=np.uint8)
+        data[:, :1024] = np.array(labels, dtype=np.uint8)[:, None] * 20  # red plane encodes the label
+        with open(root / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                         b"filenames": [f"{i}.png".encode() for i in range(per_batch)]}, f, protocol=2)
+    return root
+
+
+def test_cifar10_python_batches(ray_session, tmp_path):
+    root = _cifar_fixture(tmp_path / "cifar-10-batches-py")
+    s = build_dataset(DataSection(name="cifar10", root=str(root)))
+    assert s.classes[0] == "airplane" and (s.num_train, s.num_val) == (100, 20)
+    rows = decoded(s.val, ClassificationEvalPreset(input_size=32, resize_size=32), num_cpus=0.5, cache=False).take_all()
+    assert len(rows) == 20
+    for r in rows:  # pixel layout: CHW rows -> HWC image -> CHW tensor, red plane = 20 * label
+        assert r["image"].shape == (3, 32, 32) and int(r["image"][0, 5, 5]) == 20 * r["label"]
+
+
+def test_cifar_loader_refuses_code_in_pickles(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    with pytest.raises(UserError, match="refusing to load builtins.print"):
+        load_cifar_batch(pickle.dumps({b"data": Evil()}))
+
+
+def _png(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("string_labels", [False, True])
+def test_parquet_source(ray_session, tmp_path, string_labels):
+    for split, n in (("train", 10), ("val", 4)):
+        labels = [i % 2 for i in range(n)]
+        table = pa.table({"image": [_png((250, 0, 0) if y == 0 else (0, 0, 250)) for y in labels],
+                          "label": [["red", "blue"][y] for y in labels] if string_labels else labels,
+                          "path": [f"{split}/{i}" for i in range(n)]})
+        (tmp_path / "pq" / split).mkdir(parents=True)
+        pq.write_table(table, tmp_path / "pq" / split / "part-0.parquet")
+    s = build_dataset(DataSection(name="parquet", root=str(tmp_path / "pq")))
+    assert (s.num_train, s.num_val) == (10, 4)
+    images, labels = _decode_all(s.val)
+    red_index = s.classes.index("red") if string_labels else 0
+    red = images[:, 0].mean(axis=(1, 2)) > 128
+    assert np.array_equal(red, labels == red_index)
+
+
+def test_parquet_missing_column(ray_session, tmp_path):
+    (tmp_path / "p").mkdir()
+    pq.write_table(pa.table({"img": [_png((1, 2, 3))], "label": [0]}), tmp_path / "p" / "a.parquet")
+    with pytest.raises(UserError, match="has no column 'image'"):
+        build_dataset(DataSection(name="parquet", root=str(tmp_path / "p")))
+
+
+def test_stratified_split_is_seeded_and_disjoint():
+    items = [(f"{c}/{i}", c) for c in range(3) for i in range(10)]
+    a = stratified_split(items, 0.2, 1)
+    assert a == stratified_split(items, 0.2, 1) and a != stratified_split(items, 0.2, 2)
+    assert sorted(a[0] + a[1]) == sorted(items) and len(a[1]) == 6
+
+
+# ---- decoding every kind of image --------------------------------------------------------------
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode, fmt", [("L", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"),
+                                       ("I;16", "PNG"), ("RGB", "WEBP"), ("RGB", "BMP"), ("RGB", "TIFF"),
+                                       ("P", "GIF"), ("LA", "PNG"), ("1", "PNG")])
+def test_every_mode_becomes_rgb(mode, fmt):
+    if mode == "I;16":
+        img = Image.fromarray(np.full((10, 12), 65535 // 2, dtype=np.uint16))
+    else:
+        img = Image.new("RGB", (12, 10), (120, 60, 30)).convert(mode)
+    out = open_rgb(_encode(img, fmt))
+    assert out.mode == "RGB" and out.size == (12, 10)
+    if mode == "I;16":
+        assert abs(np.asarray(out)[0, 0, 0] - 127) <= 1
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (30, 10), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    out = open_rgb(_encode(img, "JPEG", exif=exif.tobytes()))
+    assert out.size == (10, 30)
+
+
+@pytest.mark.parametrize("data, why", [(b"", "empty file"), (b"hello, not an image", "not a decodable image"),
+                                       (None, "not a decodable image")])
+def test_bad_bytes_give_error_rows(data, why):
+    good = _encode(Image.new("RGB", (8, 8)), "PNG")
+    bad = data if data is not None else good[: len(good) // 2]  # truncated PNG
+    batch = {"path": np.array(["a.png", "b.png"], dtype=object), "bytes": np.array([good, bad], dtype=object)}
+    out = decode_batch(batch, geometry=PRESET.geometry, shape=PRESET.shape, errors="row", keep=())
+    assert out["error"][0] is None and why in out["error"][1]
+    assert out["image"].shape == (2, 3, 16, 16)
+    with pytest.raises(UserError, match="cannot decode b.png"):
+        decode_batch(batch, geometry=PRESET.geometry, shape=PRESET.shape, errors="raise")

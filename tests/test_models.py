@@ -1,0 +1,73 @@
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from raycv.errors import UserError
+from raycv.models import get_model, list_models, register_model
+
+# The whole raycv registry plus a CPU-sized cross-section of torchvision's families.
+TORCHVISION_SUBSET = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5", "squeezenet1_1",
+                      "regnet_x_400mf", "densenet121", "convnext_tiny"]
+OWN = [e.name for e in list_models() if e.source == "raycv"]
+
+
+@pytest.mark.parametrize("name", OWN + TORCHVISION_SUBSET)
+def test_forward_shape_and_finite(name):
+    torch.manual_seed(0)
+    entry = next(e for e in list_models() if e.name == name)
+    size = min(entry.default_input_size, 64) if entry.source == "torchvision" else entry.default_input_size
+    model = get_model(name, num_classes=7).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+
+
+def test_seed_cnn_flatten_follows_input_size():
+    m = get_model("simple_cnn", num_classes=3, input_size=64)
+    assert m(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_cifar_resnet_is_residual_with_small_stem():
+    m = get_model("resnet18_cifar", num_classes=10)
+    assert m.conv1.stride == (1, 1) and isinstance(m.maxpool, nn.Identity)
+    assert hasattr(m.layer1[0], "downsample")  # torchvision BasicBlock: identity shortcut
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_unknown_and_duplicate_names():
+    with pytest.raises(UserError, match="unknown model 'resnet19'.*simple_cnn"):
+        get_model("resnet19", num_classes=2)
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("simple_cnn")(lambda **kw: nn.Identity())
+
+
+def test_pretrained_weights_from_the_local_torch_cache(tmp_path, monkeypatch):
+    """A user with the weights file in $TORCH_HOME gets them, and a new head for their classes."""
+    from torchvision.models import ResNet18_Weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    reference = get_model("resnet18", num_classes=1000)
+    target = tmp_path / "hub" / "checkpoints" / ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    target.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), target)
+    model = get_model("resnet18", num_classes=5, weights="IMAGENET1K_V1")
+    assert torch.equal(model.conv1.weight, reference.conv1.weight)
+    assert model.fc.out_features == 5
+
+
+def test_missing_weights_fail_fast_with_a_clear_error(tmp_path, monkeypatch):
+    """No cached file and no network (a proxy on a closed port): one clear error, not a hang."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match="could not load torchvision weights .*ResNet18_Weights.IMAGENET1K_V1"):
+        get_model("resnet18", num_classes=5, weights="DEFAULT")
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(UserError, match="has no weights 'IMAGENET9K'"):
+        get_model("resnet18", num_classes=5, weights="IMAGENET9K")
