@@ -1,0 +1,160 @@
+"""Complete, exactly-once Parquet outputs.
+
+An output folder holds `part-<run>-<n>.parquet` files and `_raycv_manifest.json`, written last:
+the manifest lists the files that make up the output and the row counts. An output without a
+manifest is incomplete; a part file the manifest does not list is debris from a crashed run and is
+never read. A run writes into `_tmp-<run>/` inside the output (readers skip `_` names), and
+publishes only after every row is written and counted:
+
+- mode=error: an existing output is refused.
+- mode=overwrite: the manifest goes first (the output reads as incomplete), then the new files
+  move in, the old ones go, and the new manifest is written.
+- mode=resume: only inputs whose path is not already in the output are processed; the new files
+  move in and the manifest is rewritten to list old and new.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from raycv.data.io import resolve, with_scheme
+from raycv.errors import UserError
+
+MANIFEST = "_raycv_manifest.json"
+
+
+@dataclass
+class Manifest:
+    files: list[str] = field(default_factory=list)  # names inside the output folder
+    rows: int = 0
+    errors: int = 0
+    runs: list[dict] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"complete": True, "files": self.files, "rows": self.rows, "errors": self.errors,
+                           "runs": self.runs, "metadata": self.metadata}, indent=1)
+
+
+class OutputLocation:
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+        self.fs, self.path = resolve(self.uri)
+        self.run_id = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        self.tmp_path = f"{self.path}/_tmp-{self.run_id}"
+
+    @property
+    def tmp_uri(self) -> str:
+        return with_scheme(self.fs, self.tmp_path, self.uri)
+
+    def _info(self, p: str) -> pafs.FileInfo:
+        return self.fs.get_file_info(p)
+
+    def exists(self) -> bool:
+        if self._info(self.path).type == pafs.FileType.NotFound:
+            return False
+        return bool(self.fs.get_file_info(pafs.FileSelector(self.path)))
+
+    def manifest(self) -> Manifest | None:
+        p = f"{self.path}/{MANIFEST}"
+        if self._info(p).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(p) as f:
+            d = json.loads(f.read().decode())
+        return Manifest(files=d["files"], rows=d["rows"], errors=d["errors"], runs=d.get("runs", []),
+                        metadata=d.get("metadata", {}))
+
+    def prepare(self, mode: str) -> Manifest | None:
+        """Check the mode against what is there; return the manifest to build on (resume)."""
+        if self.exists():
+            if mode == "error":
+                raise UserError(f"output {self.uri} already exists; pass infer.mode=overwrite to replace it "
+                                f"or infer.mode=resume to add the inputs it lacks")
+            current = self.manifest()
+            if mode == "resume" and current is None:
+                current = Manifest()  # nothing was published: resume is a fresh run
+            self._remove_debris(current)
+        else:
+            current = None
+        self.fs.create_dir(self.tmp_path, recursive=True)
+        return current if mode == "resume" else None
+
+    def _remove_debris(self, current: Manifest | None) -> None:
+        keep = set(current.files if current else []) | {MANIFEST}
+        for f in self.fs.get_file_info(pafs.FileSelector(self.path)):
+            name = f.path.rsplit("/", 1)[-1]
+            if name.startswith("_tmp-") and f.type == pafs.FileType.Directory:
+                self.fs.delete_dir(f.path)
+            elif f.type == pafs.FileType.File and name.endswith(".parquet") and name not in keep:
+                self.fs.delete_file(f.path)
+
+    def done_paths(self, current: Manifest | None) -> set[str]:
+        paths: set[str] = set()
+        for name in current.files if current else []:
+            with self.fs.open_input_file(f"{self.path}/{name}") as f:
+                paths.update(pq.read_table(f, columns=["path"]).column("path").to_pylist())
+        return paths
+
+    def written_files(self) -> list[str]:
+        infos = self.fs.get_file_info(pafs.FileSelector(self.tmp_path, recursive=True))
+        return sorted(f.path for f in infos if f.type == pafs.FileType.File and f.path.endswith(".parquet"))
+
+    def count_written(self) -> tuple[int, int, list[str]]:
+        """(rows, error rows, paths) of what this run wrote into its temporary folder."""
+        rows = errors = 0
+        paths: list[str] = []
+        for p in self.written_files():
+            with self.fs.open_input_file(p) as f:
+                t = pq.read_table(f, columns=["path", "error"])
+            rows += t.num_rows
+            errors += t.num_rows - t.column("error").null_count
+            paths += t.column("path").to_pylist()
+        return rows, errors, paths
+
+    def publish(self, mode: str, base: Manifest | None, *, rows: int, errors: int, metadata: dict) -> Manifest:
+        old = self.manifest()
+        manifest_path = f"{self.path}/{MANIFEST}"
+        if mode == "overwrite" and old is not None:
+            self.fs.delete_file(manifest_path)  # from here until the end the output reads as incomplete
+        new_files = []
+        for i, src in enumerate(self.written_files()):
+            name = f"part-{self.run_id}-{i:05d}.parquet"
+            self.fs.move(src, f"{self.path}/{name}")
+            new_files.append(name)
+        if mode == "overwrite" and old is not None:
+            for name in old.files:
+                if self._info(f"{self.path}/{name}").type == pafs.FileType.File:
+                    self.fs.delete_file(f"{self.path}/{name}")
+        self.fs.delete_dir(self.tmp_path)
+        prev = base or Manifest()
+        manifest = Manifest(files=prev.files + new_files, rows=prev.rows + rows, errors=prev.errors + errors,
+                            runs=prev.runs + [{"run": self.run_id, "mode": mode, "rows": rows, "errors": errors}],
+                            metadata=metadata)
+        with self.fs.open_output_stream(manifest_path) as f:
+            f.write(manifest.to_json().encode())
+        return manifest
+
+    def abandon(self) -> None:
+        if self._info(self.tmp_path).type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.tmp_path)
+
+
+def read_output(uri: str):
+    """The complete output as one Arrow table (only the files the manifest lists)."""
+    loc = OutputLocation(uri)
+    m = loc.manifest()
+    if m is None:
+        raise UserError(f"{uri} is not a complete raycv output (no {MANIFEST})")
+    import pyarrow as pa
+
+    tables = []
+    for name in m.files:
+        with loc.fs.open_input_file(f"{loc.path}/{name}") as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables) if tables else None

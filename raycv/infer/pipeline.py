@@ -1,0 +1,148 @@
+"""Batch inference: `run_inference(cfg)` streams the inputs through Ray Data (decode and the
+checkpoint's eval preset on CPU tasks, the model on a pool of actors) into Parquet, and publishes
+the output only when every input is accounted for."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray
+import ray.data
+
+from raycv import runtime
+from raycv.config import InferConfig
+from raycv.data.decode import decode_batch
+from raycv.data.presets import ClassificationEvalPreset
+from raycv.errors import UserError
+from raycv.infer.output import OutputLocation
+from raycv.infer.predictor import ClassificationPredictor
+from raycv.infer.schema import classification_schema, file_metadata
+from raycv.infer.source import open_input
+from raycv.train import checkpoint as ckpt
+
+
+@dataclass
+class InferSummary:
+    output: str
+    rows: int
+    ok: int
+    errors: int
+    images_per_second: float
+    wall_seconds: float
+    skipped_done: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    kwargs: dict
+    classes: list[str]
+    preprocess: ClassificationEvalPreset
+    weights: str | None
+    checkpoint: str | None
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A checkpoint folder, or a run folder (its summary's best checkpoint)."""
+    p = Path(path).expanduser()
+    if (p / ckpt.META_FILE).is_file():
+        return p
+    summary = p / "summary.json"
+    if summary.is_file():
+        best = json.loads(summary.read_text()).get("best_checkpoint")
+        if best:
+            return Path(best)
+    if not p.exists():
+        raise UserError(f"checkpoint not found: {p}")
+    raise UserError(f"not a raycv checkpoint or run directory: {p} (no {ckpt.META_FILE} or summary.json)")
+
+
+def load_spec(cfg: InferConfig) -> ModelSpec:
+    if cfg.infer.checkpoint:
+        directory = resolve_checkpoint(cfg.infer.checkpoint)
+        _, info = ckpt.load_model(directory)  # fail here, not in the actors: files present, weights fit
+        return ModelSpec(info.model_name, info.model_kwargs, info.classes, info.preprocess, None, str(directory))
+    if not cfg.model.weights:
+        raise UserError("give --checkpoint, or model.name with model.weights (pretrained torchvision weights)")
+    from raycv.models import get_model
+    from raycv.models.torchvision_zoo import resolve_weights
+
+    w = resolve_weights(cfg.model.name, cfg.model.weights)
+    classes = list(w.meta["categories"])
+    get_model(cfg.model.name, num_classes=len(classes), weights=cfg.model.weights, **cfg.model.kwargs)
+    t = w.transforms()
+    preset = ClassificationEvalPreset(input_size=int(t.crop_size[0]), resize_size=int(t.resize_size[0]),
+                                      mean=tuple(t.mean), std=tuple(t.std))
+    return ModelSpec(cfg.model.name, cfg.model.kwargs, classes, preset, cfg.model.weights, None)
+
+
+def plan_actors(cfg: InferConfig, total_cpus: float, decode_cpus: float) -> tuple[float, int]:
+    """(CPUs per predictor actor, torch threads). An actor that takes every CPU leaves the decode
+    tasks none and the pipeline waits forever without a word: refuse that up front."""
+    n = cfg.infer.max_actors
+    if cfg.infer.use_gpu:
+        cpus = cfg.infer.cpus_per_actor or 1.0
+        return cpus, max(1, int(cpus + 0.5))
+    cpus = cfg.infer.cpus_per_actor or max(0.25, (total_cpus - decode_cpus) / n)
+    if n * cpus + decode_cpus > total_cpus + 1e-6:
+        raise UserError(f"infer.max_actors={n} x {cpus:g} CPUs + {decode_cpus:g} for decoding needs more than this "
+                        f"cluster's {total_cpus:g} CPUs and would wait forever; lower infer.cpus_per_actor or "
+                        f"infer.max_actors")
+    return round(cpus, 3), max(1, int(cpus + 0.5))
+
+
+def run_inference(cfg: InferConfig) -> InferSummary:
+    t0 = time.perf_counter()
+    if not cfg.infer.output:
+        raise UserError("infer.output is required (--output FOLDER or URI)")
+    spec = load_spec(cfg)
+    runtime.connect(cfg.run.address, verbose=cfg.run.verbose)
+    ray.data.DataContext.get_current().enable_progress_bars = True
+    out = OutputLocation(cfg.infer.output)
+    base = out.prepare(cfg.infer.mode)
+    try:
+        done = out.done_paths(base)
+        inputs = open_input(cfg, done)
+        decode_cpus = cfg.data.decode_cpus
+        actor_cpus, threads = plan_actors(cfg, runtime.cluster_cpus(), decode_cpus)
+        metadata = file_metadata(checkpoint=spec.checkpoint, model=spec.name, classes=spec.classes,
+                                 preprocess=spec.preprocess.to_dict())
+        embedding_dim = None
+        predictor_kwargs = dict(checkpoint=spec.checkpoint, model_name=spec.name, model_kwargs=spec.kwargs,
+                                weights=spec.weights,
+                                classes=spec.classes, preprocess=spec.preprocess.to_dict(), topk=cfg.infer.topk,
+                                embedding=cfg.infer.embedding, threads=threads, use_gpu=cfg.infer.use_gpu,
+                                schema_metadata=metadata)
+        if cfg.infer.embedding:
+            embedding_dim = ClassificationPredictor(**{**predictor_kwargs, "threads": 1}).embedding_dim
+        if inputs.count:
+            preset = spec.preprocess
+            ds = inputs.ds.map_batches(
+                decode_batch, fn_kwargs={"geometry": preset.geometry, "shape": preset.shape, "errors": "row", "keep": ()},
+                batch_size=cfg.infer.batch_size, num_cpus=decode_cpus)
+            ds = ds.map_batches(
+                ClassificationPredictor, fn_constructor_kwargs=predictor_kwargs, batch_size=cfg.infer.batch_size,
+                compute=ray.data.ActorPoolStrategy(min_size=cfg.infer.min_actors, max_size=cfg.infer.max_actors),
+                num_cpus=actor_cpus, num_gpus=1 if cfg.infer.use_gpu else 0)
+            ds.write_parquet(out.tmp_uri, schema=classification_schema(embedding_dim).with_metadata(metadata),
+                             min_rows_per_file=min(cfg.infer.rows_per_file, max(1, inputs.count)))
+        rows, errors, paths = out.count_written()
+        if rows != inputs.count or len(set(paths)) != rows:
+            raise RuntimeError(f"inference wrote {rows} rows ({len(set(paths))} distinct) for {inputs.count} inputs")
+        if rows and errors / rows > cfg.infer.max_error_fraction:
+            raise UserError(f"{errors} of {rows} inputs failed to decode ({errors / rows:.1%}), above "
+                            f"infer.max_error_fraction={cfg.infer.max_error_fraction}; output not published")
+        out.publish(cfg.infer.mode, base, rows=rows, errors=errors,
+                    metadata={"checkpoint": spec.checkpoint, "model": spec.name, "classes": spec.classes})
+    except BaseException:
+        out.abandon()
+        raise
+    wall = time.perf_counter() - t0
+    return InferSummary(output=cfg.infer.output, rows=rows, ok=rows - errors, errors=errors,
+                        images_per_second=rows / max(wall, 1e-9), wall_seconds=wall, skipped_done=len(done))

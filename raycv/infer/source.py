@@ -1,0 +1,77 @@
+"""Inference inputs: an image folder (recursive), a Parquet dataset of encoded images, or a
+registry dataset split (`registry:digits:val`). Local paths or object-storage URIs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray.data
+
+from raycv.config import InferConfig
+from raycv.data import build_dataset
+from raycv.data.sources import read_parquet_rows
+from raycv.data.io import IMAGE_EXTENSIONS, is_dir, list_files, resolve
+from raycv.errors import UserError
+
+
+@dataclass
+class InputRows:
+    ds: ray.data.Dataset  # rows: path, and bytes when the source carries them
+    count: int
+    kind: str
+
+
+def _drop_done(batch: dict, *, done: frozenset) -> dict:
+    keep = [p not in done for p in batch["path"]]
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def _blocks(n: int) -> int:
+    return max(2, min(400, n // 128))
+
+
+def open_input(cfg: InferConfig, done: set[str]) -> InputRows:
+    spec = cfg.infer.input
+    if spec is None:
+        raise UserError("infer.input is required (--input FOLDER | PARQUET | registry:<dataset>[:train|val])")
+    if spec.startswith("registry:"):
+        _, name, *rest = spec.split(":")
+        split = rest[0] if rest else "val"
+        if split not in ("train", "val"):
+            raise UserError(f"registry input split must be train or val, got {split!r}")
+        splits = build_dataset(cfg.data.model_copy(update={"name": name}))
+        ds = (splits.val if split == "val" else splits.train).drop_columns(["label"])
+        rows = [r for r in ds.take_all() if r["path"] not in done]
+        return InputRows(ray.data.from_items(rows, override_num_blocks=_blocks(len(rows))), len(rows), "registry")
+
+    parquet = spec.endswith(".parquet") or (is_dir(spec) and any(f.endswith(".parquet") for f in list_files(spec)))
+    if parquet:
+        files = [f for f in list_files(spec) if f.endswith(".parquet")]
+        cpus = cfg.data.decode_cpus
+        fs, first = resolve(files[0])
+        names = pq.read_schema(first, filesystem=fs).names
+        for col in (cfg.infer.path_column, cfg.infer.image_column):
+            if col not in names:
+                raise UserError(f"parquet input {spec} has no column {col!r} (columns: {', '.join(names)}); "
+                                f"set infer.path_column / infer.image_column")
+        ds = read_parquet_rows(files, [cfg.infer.path_column, cfg.infer.image_column], num_cpus=cpus)
+        ds = ds.map_batches(_rename, fn_kwargs={"path": cfg.infer.path_column, "image": cfg.infer.image_column},
+                            batch_format="numpy", num_cpus=cpus)
+        if done:
+            ds = ds.map_batches(_drop_done, fn_kwargs={"done": frozenset(done)}, batch_format="numpy", num_cpus=cpus)
+            ds = ds.materialize()
+        return InputRows(ds, ds.count(), "parquet")
+
+    paths = [p for p in list_files(spec, IMAGE_EXTENSIONS) if p not in done]
+    if not paths and not done:
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {spec}")
+    rows = [{"path": p} for p in paths]
+    # With nothing left to do (resume), the pipeline is skipped; the dataset is never executed.
+    ds = ray.data.from_items(rows or [{"path": ""}], override_num_blocks=_blocks(len(rows)))
+    return InputRows(ds, len(rows), "folder")
+
+
+def _rename(batch: dict, *, path: str, image: str) -> dict:
+    return {"path": np.asarray([str(p) for p in batch[path]], dtype=object), "bytes": batch[image]}

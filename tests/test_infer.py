@@ -1,0 +1,206 @@
+"""Batch inference end to end: real local Ray, real image files, real Parquet."""
+
+import json
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from raycv.cli import main
+from raycv.config import load_config
+from raycv.data.decode import open_rgb
+from raycv.errors import UserError
+from raycv.infer.evaluate import evaluate_predictions
+from raycv.infer.output import MANIFEST, read_output
+from raycv.infer.pipeline import plan_actors, run_inference
+from raycv.train.checkpoint import load_model
+from raycv.train.driver import fit
+
+
+@pytest.fixture(scope="module")
+def checkpoint(ray_session, tmp_path_factory) -> Path:
+    """A short real training run (2 epochs of digits, 1 worker): its best checkpoint."""
+    root = tmp_path_factory.mktemp("runs")
+    s = fit(load_config("train", None, [f"run.storage_path={root}", "run.name=ckpt", "train.epochs=2",
+                                        "scaling.num_workers=1"]), echo=lambda line: None)
+    return Path(s.best_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def digit_folder(tmp_path_factory, checkpoint) -> Path:
+    """60 digit PNGs in <root>/<digit>/ (copied from the bundled cache), as a user folder."""
+    from raycv.data.bundled import digits_root
+
+    root = tmp_path_factory.mktemp("digits-in")
+    for src in sorted(digits_root().rglob("*.png"))[::30]:
+        dst = root / src.parent.name / src.name
+        dst.parent.mkdir(exist_ok=True)
+        dst.write_bytes(src.read_bytes())
+    return root
+
+
+def _infer(checkpoint, input, output, *extra):
+    return run_inference(load_config("infer", None, [f"infer.checkpoint={checkpoint}", f"infer.input={input}",
+                                                     f"infer.output={output}", *extra]))
+
+
+def _plain_loop(checkpoint: Path, paths: list[str]) -> dict[str, tuple[str, float]]:
+    model, info = load_model(checkpoint)
+    pre = info.preprocess
+    x = torch.stack([pre.geometry(open_rgb(Path(p).read_bytes())) for p in paths])
+    with torch.no_grad():
+        probs = torch.softmax(model(pre.normalize(x)), dim=1)
+    top = probs.max(dim=1)
+    return {p: (info.classes[int(i)], float(v)) for p, i, v in zip(paths, top.indices, top.values)}
+
+
+def test_predictions_match_a_plain_pytorch_loop(ray_session, checkpoint, digit_folder, tmp_path):
+    s = _infer(checkpoint, digit_folder, tmp_path / "out", "infer.batch_size=16")
+    inputs = sorted(str(p) for p in digit_folder.rglob("*.png"))
+    assert (s.rows, s.errors) == (len(inputs), 0)
+    table = read_output(str(tmp_path / "out"))
+    assert sorted(table.column("path").to_pylist()) == inputs  # every input exactly once
+    expected = _plain_loop(checkpoint, inputs)
+    for row in table.to_pylist():
+        label, score = expected[row["path"]]
+        assert row["label"] == label and abs(row["score"] - score) < 1e-4
+        assert row["topk_labels"][0] == label and len(row["topk_scores"]) == 5 and row["error"] is None
+        assert row["label_index"] == int(label)
+
+
+def test_schema_metadata_and_a_second_reader(ray_session, checkpoint, digit_folder, tmp_path):
+    out = tmp_path / "out"
+    _infer(checkpoint, digit_folder, out, "infer.embedding=true", "infer.topk=3")
+    files = sorted(out.glob("*.parquet"))
+    schema = pq.read_schema(files[0])
+    assert str(schema.field("label_index").type) == "int32" and str(schema.field("score").type) == "float"
+    assert str(schema.field("topk_labels").type) == "list<element: string>"
+    assert str(schema.field("embedding").type) == "fixed_size_list<element: float>[128]"
+    meta = {k.decode(): v.decode() for k, v in schema.metadata.items()}
+    assert meta["raycv.checkpoint"] == str(checkpoint) and meta["raycv.model"] == "simple_cnn"
+    assert json.loads(meta["raycv.classes"]) == [str(i) for i in range(10)] and meta["raycv.version"]
+    ours = read_output(str(out)).to_pandas().sort_values("path").reset_index(drop=True)
+    by_pandas = pd.read_parquet(out).sort_values("path").reset_index(drop=True)  # skips _ names
+    by_duckdb = duckdb.sql(f"SELECT path, label, score FROM read_parquet('{out}/*.parquet') ORDER BY path").df()
+    assert len(by_duckdb) == len(ours) == len(by_pandas) == 60
+    assert list(by_duckdb["path"]) == list(ours["path"]) == list(by_pandas["path"])
+    assert list(by_duckdb["label"]) == list(ours["label"])
+    assert np.allclose(by_duckdb["score"], ours["score"])
+
+
+def test_bad_files_become_error_rows(ray_session, checkpoint, digit_folder, tmp_path):
+    folder = tmp_path / "mixed"
+    good = sorted(digit_folder.rglob("*.png"))[:10]
+    for p in good:
+        (folder / p.parent.name).mkdir(parents=True, exist_ok=True)
+        (folder / p.parent.name / p.name).write_bytes(p.read_bytes())
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "text.jpg").write_text("definitely not a jpeg")
+    (folder / "random.png").write_bytes(np.random.default_rng(0).bytes(500))
+    jpg = folder / "whole.jpg"
+    Image.new("RGB", (40, 40), (9, 99, 199)).save(jpg)
+    (folder / "truncated.jpg").write_bytes(jpg.read_bytes()[:200])
+    s = _infer(checkpoint, folder, tmp_path / "out")
+    assert (s.rows, s.errors, s.ok) == (15, 4, 11)
+    rows = {Path(r["path"]).name: r for r in read_output(str(tmp_path / "out")).to_pylist()}
+    for bad in ("zero.png", "text.jpg", "random.png", "truncated.jpg"):
+        assert rows[bad]["error"] and rows[bad]["label"] is None and rows[bad]["score"] is None
+    assert rows["whole.jpg"]["error"] is None and all(rows[p.name]["error"] is None for p in good)
+
+
+def test_max_error_fraction_fails_and_publishes_nothing(ray_session, checkpoint, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.png").write_bytes(b"nope")
+    (folder / "ok.png").write_bytes((next(Path(checkpoint).parents[2].rglob("*.png"), None) or _one_png(tmp_path)).read_bytes())
+    with pytest.raises(UserError, match="above infer.max_error_fraction=0.5"):
+        _infer(checkpoint, folder, tmp_path / "out", "infer.max_error_fraction=0.5")
+    assert not (tmp_path / "out" / MANIFEST).exists() and not list((tmp_path / "out").glob("*"))
+
+
+def _one_png(tmp_path) -> Path:
+    p = tmp_path / "one.png"
+    Image.new("L", (8, 8), 200).save(p)
+    return p
+
+
+def test_error_overwrite_and_resume_modes(ray_session, checkpoint, digit_folder, tmp_path):
+    folder = tmp_path / "grow"
+    pngs = sorted(digit_folder.rglob("*.png"))
+    for p in pngs[:20]:
+        (folder / p.parent.name).mkdir(parents=True, exist_ok=True)
+        (folder / p.parent.name / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "out"
+    _infer(checkpoint, folder, out)
+    with pytest.raises(UserError, match="already exists; pass infer.mode=overwrite"):
+        _infer(checkpoint, folder, out)
+
+    for p in pngs[20:35]:  # 15 new inputs arrive
+        (folder / p.parent.name).mkdir(parents=True, exist_ok=True)
+        (folder / p.parent.name / p.name).write_bytes(p.read_bytes())
+    (out / "part-crashed-00000.parquet").write_bytes(b"debris from a killed run")
+    s = _infer(checkpoint, folder, out, "infer.mode=resume")
+    assert (s.rows, s.skipped_done) == (15, 20)  # only the new inputs were processed
+    paths = read_output(str(out)).column("path").to_pylist()
+    assert sorted(paths) == sorted(str(p) for p in folder.rglob("*.png")) and len(set(paths)) == 35
+    assert not (out / "part-crashed-00000.parquet").exists()
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["rows"] == 35 and [r["mode"] for r in manifest["runs"]] == ["error", "resume"]
+
+    s = _infer(checkpoint, folder, out, "infer.mode=resume")  # nothing left to do
+    assert s.rows == 0 and len(read_output(str(out))) == 35
+
+    s = _infer(checkpoint, folder, out, "infer.mode=overwrite")
+    assert s.rows == 35
+    table = read_output(str(out))
+    assert len(table) == 35 and len(set(table.column("path").to_pylist())) == 35
+    assert len(json.loads((out / MANIFEST).read_text())["files"]) == len(list(out.glob("*.parquet")))
+
+
+def test_parquet_and_registry_inputs(ray_session, checkpoint, digit_folder, tmp_path):
+    import pyarrow as pa
+
+    pngs = sorted(digit_folder.rglob("*.png"))[:12]
+    pq.write_table(pa.table({"id": [f"img-{i}" for i in range(12)], "img": [p.read_bytes() for p in pngs]}),
+                   tmp_path / "in.parquet")
+    s = _infer(checkpoint, tmp_path / "in.parquet", tmp_path / "o1", "infer.path_column=id", "infer.image_column=img")
+    assert s.rows == 12 and sorted(read_output(str(tmp_path / "o1")).column("path").to_pylist()) == sorted(
+        f"img-{i}" for i in range(12))
+    with pytest.raises(UserError, match="has no column 'path'"):
+        _infer(checkpoint, tmp_path / "in.parquet", tmp_path / "o2")
+    s = _infer(checkpoint, "registry:digits:val", tmp_path / "o3")
+    assert s.rows == 359 and s.errors == 0
+
+
+def test_evaluate_reports_json_and_png(ray_session, checkpoint, digit_folder, tmp_path):
+    _infer(checkpoint, digit_folder, tmp_path / "out")
+    report = evaluate_predictions(str(tmp_path / "out"), output=str(tmp_path / "eval"))
+    table = read_output(str(tmp_path / "out")).to_pylist()
+    expected = np.mean([Path(r["path"]).parent.name == r["label"] for r in table])
+    assert report["scored"] == 60 and abs(report["top1"] - expected) < 1e-9
+    assert np.array(report["confusion_matrix"]).sum() == 60 and set(report["per_class"]) == set(map(str, range(10)))
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["top1"] == report["top1"]
+    png = Image.open(tmp_path / "eval" / "confusion_matrix.png")
+    assert png.size[0] > 200 and len(set(np.asarray(png.convert("L")).flatten().tolist())) > 10
+
+
+def test_actor_sizing_refuses_a_silent_hang():
+    cfg = load_config("infer", None, ["infer.cpus_per_actor=2"])
+    with pytest.raises(UserError, match="would wait forever"):
+        plan_actors(cfg, total_cpus=2, decode_cpus=0.5)
+    cpus, threads = plan_actors(load_config("infer", None, []), total_cpus=2, decode_cpus=0.5)
+    assert cpus == 1.5 and threads == 2
+
+
+def test_cli_bad_checkpoint_is_one_line(ray_session, tmp_path, capsys):
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "model.pt").write_bytes(b"not torch")
+    rc = main(["infer", "--checkpoint", str(tmp_path / "fake"), "--input", str(tmp_path), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "not a raycv checkpoint or run directory" in err[0]
