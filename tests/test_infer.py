@@ -204,3 +204,32 @@ def test_cli_bad_checkpoint_is_one_line(ray_session, tmp_path, capsys):
     rc = main(["infer", "--checkpoint", str(tmp_path / "fake"), "--input", str(tmp_path), "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "not a raycv checkpoint or run directory" in err[0]
+
+
+def test_pretrained_torchvision_model_by_name(ray_session, digit_folder, tmp_path, monkeypatch):
+    """No checkpoint: a torchvision model and its weights (here planted in the local torch cache)."""
+    from torchvision.models import ResNet18_Weights
+
+    from raycv.models import get_model
+
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    reference = get_model("resnet18", num_classes=1000).eval()
+    target = tmp_path / "hub" / "checkpoints" / ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    target.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), target)
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for p in sorted(digit_folder.rglob("*.png"))[:4]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    s = run_inference(load_config("infer", None, ["model.name=resnet18", "model.weights=IMAGENET1K_V1",
+                                                  f"infer.input={folder}", f"infer.output={tmp_path / 'out'}"]))
+    assert (s.rows, s.errors) == (4, 0)
+    rows = read_output(str(tmp_path / "out")).to_pylist()
+    categories = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+    preset = ResNet18_Weights.IMAGENET1K_V1.transforms()
+    for r in rows:  # the same numbers as torchvision's own preset + the same weights
+        x = preset(Image.open(r["path"]).convert("RGB")).unsqueeze(0)
+        with torch.no_grad():
+            probs = torch.softmax(reference(x), dim=1)[0]
+        assert r["label"] == categories[int(probs.argmax())]
+        assert abs(r["score"] - float(probs.max())) < 1e-4

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import ray
 import ray.data
+import torch
 
 from raycv import runtime
 from raycv.config import InferConfig
@@ -115,7 +116,7 @@ def run_inference(cfg: InferConfig) -> InferSummary:
                                  preprocess=spec.preprocess.to_dict())
         embedding_dim = None
         predictor_kwargs = dict(checkpoint=spec.checkpoint, model_name=spec.name, model_kwargs=spec.kwargs,
-                                weights=spec.weights,
+                                weights=spec.weights, torch_home=torch.hub.get_dir() if spec.weights else None,
                                 classes=spec.classes, preprocess=spec.preprocess.to_dict(), topk=cfg.infer.topk,
                                 embedding=cfg.infer.embedding, threads=threads, use_gpu=cfg.infer.use_gpu,
                                 schema_metadata=metadata)

@@ -17,11 +17,13 @@ from raycv.train.checkpoint import load_model
 
 class ClassificationPredictor:
     def __init__(self, *, checkpoint: str | None, model_name: str, model_kwargs: dict[str, Any],
-                 weights: str | None, classes: list[str], preprocess: dict, topk: int, embedding: bool, threads: int, use_gpu: bool,
+                 weights: str | None, torch_home: str | None, classes: list[str], preprocess: dict, topk: int, embedding: bool, threads: int, use_gpu: bool,
                  schema_metadata: dict[str, str]):
         # Ray starts workers with one intra-op thread; an actor given k CPUs should use k.
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if torch_home:  # where the driver found the pretrained weights (same node, or a shared cache)
+            torch.hub.set_dir(torch_home)
         if checkpoint is not None:  # the checkpoint folder must be readable here (shared storage on a cluster)
             model, _ = load_model(checkpoint)
         else:
