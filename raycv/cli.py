@@ -51,6 +51,8 @@ def cmd_train(args) -> int:
     ips = f"{s.images_per_second:,.0f}" if s.images_per_second else "n/a"
     print(f"done: val top-1 {acc}, top-5 {top5} (best checkpoint), {ips} train images/s, "
           f"{s.epochs} epochs, {s.wall_seconds:.0f} s")
+    if s.resumed_from_epoch:
+        print(f"resumed from the epoch-{s.resumed_from_epoch} checkpoint of this run")
     print(f"run directory:   {s.run_dir}")
     print(f"best checkpoint: {s.best_checkpoint}")
     return 0

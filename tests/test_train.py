@@ -22,7 +22,9 @@ def _epochs(run_dir: Path) -> list[dict]:
 def test_two_workers_train_checkpoint_and_resume(ray_session, tmp_path):
     overrides = [f"run.storage_path={tmp_path}", "run.name=digits-e2e", "train.epochs=2", "scaling.num_workers=2",
                  "train.keep_checkpoints=1"]
-    s = fit(load_config("train", None, overrides), echo=lambda line: None)
+    printed: list[str] = []
+    s = fit(load_config("train", None, overrides), echo=printed.append)
+    assert [line.split()[1] for line in printed if line.startswith("epoch")] == ["1/2", "2/2"]
     run_dir = tmp_path / "digits-e2e"
     log = _epochs(run_dir)
     assert [r["epoch"] for r in log] == [1, 2]
@@ -46,8 +48,10 @@ def test_two_workers_train_checkpoint_and_resume(ray_session, tmp_path):
     assert (run_dir / "config.yaml").is_file()
 
     # Same run.name, more epochs: continues at epoch 3 from the epoch-2 checkpoint; 1-2 untouched.
+    printed.clear()
     s2 = fit(load_config("train", None, overrides[:2] + ["train.epochs=3", "scaling.num_workers=2"]),
-             echo=lambda line: None)
+             echo=printed.append)
+    assert [line.split()[1] for line in printed if line.startswith("epoch")] == ["3/3"]
     log2 = _epochs(run_dir)
     assert [r["epoch"] for r in log2] == [1, 2, 3]
     assert log2[:2] == log  # the first two epochs were not trained again

@@ -79,12 +79,12 @@ def decoded(ds: ray.data.Dataset, preset, *, num_cpus: float, cache: bool) -> ra
 
 
 class _Progress(threading.Thread):
-    """Prints one line per epoch as rank 0 appends it to the metrics log."""
+    """Prints one line per epoch as rank 0 appends it to the metrics log (a few lines: re-read)."""
 
-    def __init__(self, log: Path, echo: Callable[[str], None]):
+    def __init__(self, log: Path, echo: Callable[[str], None], since: float):
         super().__init__(daemon=True)
-        self.log, self.echo, self.stop = log, echo, threading.Event()
-        self.pos = log.stat().st_size if log.exists() else 0
+        self.log, self.echo, self.since, self.stop = log, echo, since, threading.Event()
+        self.printed: set[int] = set()
 
     def run(self) -> None:
         while not self.stop.wait(0.5):
@@ -92,16 +92,18 @@ class _Progress(threading.Thread):
         self.poll()
 
     def poll(self) -> None:
-        if not self.log.exists():
+        try:
+            lines = self.log.read_text().splitlines()
+        except FileNotFoundError:
             return
-        with open(self.log) as f:
-            f.seek(self.pos)
-            chunk = f.read()
-        lines = chunk.split("\n")
-        self.pos += len(chunk) - len(lines[-1])
-        for line in lines[:-1]:
-            if line.strip():
-                self.echo(format_epoch(json.loads(line)))
+        for line in lines:
+            try:
+                m = json.loads(line)
+            except json.JSONDecodeError:  # a line being written
+                continue
+            if m["time"] >= self.since and m["epoch"] not in self.printed:
+                self.printed.add(m["epoch"])
+                self.echo(format_epoch(m))
 
 
 def format_epoch(m: dict) -> str:
@@ -157,8 +159,8 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
         datasets={"train": train_ds.randomize_block_order(), "val": val_ds},
         dataset_config=_ExactValSplit(),
     )
-    progress = _Progress(run_dir / METRICS_LOG, echo)
-    first_epoch = _logged_epochs(run_dir)
+    progress = _Progress(run_dir / METRICS_LOG, echo, since=time.time())
+    resumed_from = _latest_checkpoint_epoch(run_dir)
     progress.start()
     try:
         result = trainer.fit()
@@ -168,24 +170,24 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
 
     best = result.get_best_checkpoint(metric=cfg.train.checkpoint_metric, mode=order) if result.best_checkpoints else None
     best_metrics = next((m for c, m in result.best_checkpoints or [] if best is not None and c.path == best.path), {})
-    last = result.metrics or {}
     summary = TrainSummary(
         run_dir=str(run_dir), best_checkpoint=best.path if best else None,
         latest_checkpoint=result.checkpoint.path if result.checkpoint else None,
-        epochs=int(last.get("epoch", 0)), val_accuracy=best_metrics.get("val_accuracy"),
+        epochs=_latest_checkpoint_epoch(run_dir), val_accuracy=best_metrics.get("val_accuracy"),
         val_top5=best_metrics.get("val_top5"), val_loss=best_metrics.get("val_loss"),
         images_per_second=_mean_throughput(run_dir), wall_seconds=time.perf_counter() - t_start,
-        resumed_from_epoch=first_epoch,
+        resumed_from_epoch=resumed_from,
     )
     (run_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=1))
     return summary
 
 
-def _logged_epochs(run_dir: Path) -> int:
-    p = run_dir / METRICS_LOG
-    if not p.is_file():
-        return 0
-    return max((json.loads(ln)["epoch"] for ln in p.read_text().splitlines() if ln.strip()), default=0)
+def _latest_checkpoint_epoch(run_dir: Path) -> int:
+    """The epoch a re-run resumes from: Ray Train always keeps the latest checkpoint (0: none)."""
+    from raycv.train.checkpoint import read_info
+
+    epochs = [read_info(d).epoch for d in run_dir.glob("checkpoint_*") if (d / "raycv.json").is_file()]
+    return max(epochs, default=0)
 
 
 def _mean_throughput(run_dir: Path) -> float | None:
