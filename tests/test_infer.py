@@ -59,8 +59,9 @@ def _plain_loop(checkpoint: Path, paths: list[str]) -> dict[str, tuple[str, floa
     return {p: (info.classes[int(i)], float(v)) for p, i, v in zip(paths, top.indices, top.values)}
 
 
-def test_predictions_match_a_plain_pytorch_loop(ray_session, checkpoint, digit_folder, tmp_path):
+def test_predictions_match_a_plain_pytorch_loop(ray_session, checkpoint, digit_folder, tmp_path, capsys):
     s = _infer(checkpoint, digit_folder, tmp_path / "out", "infer.batch_size=16")
+    assert "infer: 60/60 rows (100%)" in capsys.readouterr().err  # the progress line saw every batch
     inputs = sorted(str(p) for p in digit_folder.rglob("*.png"))
     assert (s.rows, s.errors) == (len(inputs), 0)
     table = read_output(str(tmp_path / "out"))

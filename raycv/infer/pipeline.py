@@ -20,6 +20,7 @@ from raycv.data.presets import ClassificationEvalPreset
 from raycv.errors import UserError
 from raycv.infer.output import OutputLocation
 from raycv.infer.predictor import ClassificationPredictor
+from raycv.infer.progress import ProgressLine, RowCounter
 from raycv.infer.schema import classification_schema, file_metadata
 from raycv.infer.source import open_input
 from raycv.train import checkpoint as ckpt
@@ -104,7 +105,6 @@ def run_inference(cfg: InferConfig) -> InferSummary:
         raise UserError("infer.output is required (--output FOLDER or URI)")
     spec = load_spec(cfg)
     runtime.connect(cfg.run.address, verbose=cfg.run.verbose)
-    ray.data.DataContext.get_current().enable_progress_bars = True
     out = OutputLocation(cfg.infer.output)
     base = out.prepare(cfg.infer.mode)
     try:
@@ -123,6 +123,9 @@ def run_inference(cfg: InferConfig) -> InferSummary:
         if cfg.infer.embedding:
             embedding_dim = ClassificationPredictor(**{**predictor_kwargs, "threads": 1}).embedding_dim
         if inputs.count:
+            counter = RowCounter.remote()
+            predictor_kwargs["counter"] = counter
+            progress = ProgressLine(counter, inputs.count)
             preset = spec.preprocess
             ds = inputs.ds.map_batches(
                 decode_batch, fn_kwargs={"geometry": preset.geometry, "shape": preset.shape, "errors": "row", "keep": ()},
@@ -131,8 +134,12 @@ def run_inference(cfg: InferConfig) -> InferSummary:
                 ClassificationPredictor, fn_constructor_kwargs=predictor_kwargs, batch_size=cfg.infer.batch_size,
                 compute=ray.data.ActorPoolStrategy(min_size=cfg.infer.min_actors, max_size=cfg.infer.max_actors),
                 num_cpus=actor_cpus, num_gpus=1 if cfg.infer.use_gpu else 0)
-            ds.write_parquet(out.tmp_uri, schema=classification_schema(embedding_dim).with_metadata(metadata),
-                             min_rows_per_file=min(cfg.infer.rows_per_file, max(1, inputs.count)))
+            progress.start()
+            try:
+                ds.write_parquet(out.tmp_uri, schema=classification_schema(embedding_dim).with_metadata(metadata),
+                                 min_rows_per_file=min(cfg.infer.rows_per_file, max(1, inputs.count)))
+            finally:
+                progress.finish()
         rows, errors, paths = out.count_written()
         if rows != inputs.count or len(set(paths)) != rows:
             raise RuntimeError(f"inference wrote {rows} rows ({len(set(paths))} distinct) for {inputs.count} inputs")

@@ -18,7 +18,7 @@ from raycv.train.checkpoint import load_model
 class ClassificationPredictor:
     def __init__(self, *, checkpoint: str | None, model_name: str, model_kwargs: dict[str, Any],
                  weights: str | None, torch_home: str | None, classes: list[str], preprocess: dict, topk: int, embedding: bool, threads: int, use_gpu: bool,
-                 schema_metadata: dict[str, str]):
+                 schema_metadata: dict[str, str], counter=None):
         # Ray starts workers with one intra-op thread; an actor given k CPUs should use k.
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -38,6 +38,7 @@ class ClassificationPredictor:
             head = self.model.get_submodule(last_linear_name(self.model))
             head.register_forward_hook(lambda mod, inp, out: self.features.append(inp[0].detach()))
             self.embedding_dim = head.in_features
+        self.counter = counter  # a RowCounter actor, for the driver's progress line
         self.schema = classification_schema(self.embedding_dim).with_metadata(schema_metadata)
 
     @torch.inference_mode()
@@ -72,4 +73,6 @@ class ClassificationPredictor:
                 "topk_labels": topk_labels, "topk_scores": topk_scores, "error": errors}
         if self.embedding_dim is not None:
             cols["embedding"] = emb
+        if self.counter is not None:
+            self.counter.add.remote(n)
         return pa.Table.from_pydict(cols, schema=self.schema)
