@@ -34,11 +34,6 @@ def normalize(path: str) -> str:
     return with_scheme(fs, p, path)
 
 
-def exists(path: str) -> bool:
-    fs, p = resolve(path)
-    return fs.get_file_info(p).type != pafs.FileType.NotFound
-
-
 def is_dir(path: str) -> bool:
     fs, p = resolve(path)
     return fs.get_file_info(p).type == pafs.FileType.Directory

@@ -14,7 +14,7 @@ import ray.data
 
 from raycv.config import DataSection
 from raycv.data import bundled
-from raycv.data.io import IMAGE_EXTENSIONS, is_dir, list_files, normalize, read_bytes
+from raycv.data.io import IMAGE_EXTENSIONS, is_dir, list_files, normalize, read_bytes, resolve
 from raycv.data.presets import IMAGENET_MEAN, IMAGENET_STD
 from raycv.data.registry import DatasetSplits, register_dataset
 from raycv.errors import UserError
@@ -173,7 +173,6 @@ def cifar10(cfg: DataSection) -> DatasetSplits:
 def _read_row_group(batch: dict[str, np.ndarray], *, columns: list[str]) -> dict[str, np.ndarray]:
     import pyarrow.parquet as pq
 
-    from raycv.data.io import resolve
 
     fs, p = resolve(str(batch["file"][0]))
     with fs.open_input_file(p) as f:
@@ -189,7 +188,6 @@ def read_parquet_rows(files: list[str], columns: list[str], *, num_cpus: float) 
     a small machine."""
     import pyarrow.parquet as pq
 
-    from raycv.data.io import resolve
 
     items = []
     for f in files:
@@ -204,7 +202,6 @@ def read_parquet_rows(files: list[str], columns: list[str], *, num_cpus: float) 
 def _parquet_split(path: str, cfg: DataSection) -> ray.data.Dataset:
     import pyarrow.parquet as pq
 
-    from raycv.data.io import resolve
 
     files = [f for f in list_files(path) if f.endswith(".parquet")]
     if not files:

@@ -48,6 +48,7 @@ class ModelSpec:
     preprocess: ClassificationEvalPreset
     weights: str | None
     checkpoint: str | None
+    embedding_dim: int  # input features of the classifier head: the `embedding` column's size
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -68,8 +69,9 @@ def resolve_checkpoint(path: str) -> Path:
 def load_spec(cfg: InferConfig) -> ModelSpec:
     if cfg.infer.checkpoint:
         directory = resolve_checkpoint(cfg.infer.checkpoint)
-        _, info = ckpt.load_model(directory)  # fail here, not in the actors: files present, weights fit
-        return ModelSpec(info.model_name, info.model_kwargs, info.classes, info.preprocess, None, str(directory))
+        model, info = ckpt.load_model(directory)  # fail here, not in the actors: files present, weights fit
+        return ModelSpec(info.model_name, info.model_kwargs, info.classes, info.preprocess, None, str(directory),
+                         _head_features(model))
     if not cfg.model.weights:
         raise UserError("give --checkpoint, or model.name with model.weights (pretrained torchvision weights)")
     from raycv.models import get_model
@@ -77,11 +79,17 @@ def load_spec(cfg: InferConfig) -> ModelSpec:
 
     w = resolve_weights(cfg.model.name, cfg.model.weights)
     classes = list(w.meta["categories"])
-    get_model(cfg.model.name, num_classes=len(classes), weights=cfg.model.weights, **cfg.model.kwargs)
+    model = get_model(cfg.model.name, num_classes=len(classes), weights=cfg.model.weights, **cfg.model.kwargs)
     t = w.transforms()
     preset = ClassificationEvalPreset(input_size=int(t.crop_size[0]), resize_size=int(t.resize_size[0]),
                                       mean=tuple(t.mean), std=tuple(t.std))
-    return ModelSpec(cfg.model.name, cfg.model.kwargs, classes, preset, cfg.model.weights, None)
+    return ModelSpec(cfg.model.name, cfg.model.kwargs, classes, preset, cfg.model.weights, None, _head_features(model))
+
+
+def _head_features(model) -> int:
+    from raycv.models import last_linear_name
+
+    return model.get_submodule(last_linear_name(model)).in_features
 
 
 def plan_actors(cfg: InferConfig, total_cpus: float, decode_cpus: float) -> tuple[float, int]:
@@ -114,14 +122,12 @@ def run_inference(cfg: InferConfig) -> InferSummary:
         actor_cpus, threads = plan_actors(cfg, runtime.cluster_cpus(), decode_cpus)
         metadata = file_metadata(checkpoint=spec.checkpoint, model=spec.name, classes=spec.classes,
                                  preprocess=spec.preprocess.to_dict())
-        embedding_dim = None
+        embedding_dim = spec.embedding_dim if cfg.infer.embedding else None
         predictor_kwargs = dict(checkpoint=spec.checkpoint, model_name=spec.name, model_kwargs=spec.kwargs,
                                 weights=spec.weights, torch_home=torch.hub.get_dir() if spec.weights else None,
                                 classes=spec.classes, preprocess=spec.preprocess.to_dict(), topk=cfg.infer.topk,
                                 embedding=cfg.infer.embedding, threads=threads, use_gpu=cfg.infer.use_gpu,
                                 schema_metadata=metadata)
-        if cfg.infer.embedding:
-            embedding_dim = ClassificationPredictor(**{**predictor_kwargs, "threads": 1}).embedding_dim
         if inputs.count:
             counter = RowCounter.remote()
             predictor_kwargs["counter"] = counter

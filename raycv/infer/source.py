@@ -20,7 +20,6 @@ from raycv.errors import UserError
 class InputRows:
     ds: ray.data.Dataset  # rows: path, and bytes when the source carries them
     count: int
-    kind: str
 
 
 def _drop_done(batch: dict, *, done: frozenset) -> dict:
@@ -44,7 +43,7 @@ def open_input(cfg: InferConfig, done: set[str]) -> InputRows:
         splits = build_dataset(cfg.data.model_copy(update={"name": name}))
         ds = (splits.val if split == "val" else splits.train).drop_columns(["label"])
         rows = [r for r in ds.take_all() if r["path"] not in done]
-        return InputRows(ray.data.from_items(rows, override_num_blocks=_blocks(len(rows))), len(rows), "registry")
+        return InputRows(ray.data.from_items(rows, override_num_blocks=_blocks(len(rows))), len(rows))
 
     parquet = spec.endswith(".parquet") or (is_dir(spec) and any(f.endswith(".parquet") for f in list_files(spec)))
     if parquet:
@@ -62,7 +61,7 @@ def open_input(cfg: InferConfig, done: set[str]) -> InputRows:
         if done:
             ds = ds.map_batches(_drop_done, fn_kwargs={"done": frozenset(done)}, batch_format="numpy", num_cpus=cpus)
             ds = ds.materialize()
-        return InputRows(ds, ds.count(), "parquet")
+        return InputRows(ds, ds.count())
 
     paths = [p for p in list_files(spec, IMAGE_EXTENSIONS) if p not in done]
     if not paths and not done:
@@ -70,7 +69,7 @@ def open_input(cfg: InferConfig, done: set[str]) -> InputRows:
     rows = [{"path": p} for p in paths]
     # With nothing left to do (resume), the pipeline is skipped; the dataset is never executed.
     ds = ray.data.from_items(rows or [{"path": ""}], override_num_blocks=_blocks(len(rows)))
-    return InputRows(ds, len(rows), "folder")
+    return InputRows(ds, len(rows))
 
 
 def _rename(batch: dict, *, path: str, image: str) -> dict:
