@@ -234,3 +234,27 @@ def test_pretrained_torchvision_model_by_name(ray_session, digit_folder, tmp_pat
             probs = torch.softmax(reference(x), dim=1)[0]
         assert r["label"] == categories[int(probs.argmax())]
         assert abs(r["score"] - float(probs.max())) < 1e-4
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_checkpoint_with_a_code_pickle_is_refused_and_nothing_runs(checkpoint, tmp_path, capsys):
+    import shutil
+
+    evil = tmp_path / "evil-ckpt"
+    shutil.copytree(checkpoint, evil)
+    marker = tmp_path / "pwned"
+    torch.save({"conv1.weight": _Payload(str(marker))}, evil / "model.pt")
+    with pytest.raises(UserError, match="refusing to load .*model.pt: not a tensors-only raycv file"):
+        load_model(evil)
+    rc = main(["infer", "--checkpoint", str(evil), "--input", str(tmp_path), "--output", str(tmp_path / "o")])
+    assert rc == 2 and "refusing to load" in capsys.readouterr().err
+    assert not marker.exists()  # the payload never ran
