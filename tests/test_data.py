@@ -184,3 +184,22 @@ def test_bad_bytes_give_error_rows(data, why):
     assert out["image"].shape == (2, 3, 16, 16)
     with pytest.raises(UserError, match="cannot decode b.png"):
         decode_batch(batch, geometry=PRESET.geometry, shape=PRESET.shape, errors="raise")
+
+
+def test_decompression_bomb_is_an_error_not_an_oom(tmp_path):
+    """A small file that claims 72 megapixels: refused from its header, before any pixel is decoded."""
+    from raycv.data.decode import MAX_IMAGE_PIXELS
+
+    Image.new("1", (9000, 8000)).save(tmp_path / "bomb.png")  # 1-bit: a few MB to make, ~10 KB on disk
+    data = (tmp_path / "bomb.png").read_bytes()
+    assert len(data) < 200_000 and 9000 * 8000 > MAX_IMAGE_PIXELS
+    with pytest.raises(ValueError, match="image too large"):
+        open_rgb(data)
+    batch = {"path": np.array(["bomb.png"], dtype=object), "bytes": np.array([data], dtype=object)}
+    out = decode_batch(batch, geometry=PRESET.geometry, shape=PRESET.shape, errors="row", keep=())
+    assert "image too large" in out["error"][0]
+
+
+def test_tiny_images_decode():
+    out = open_rgb(_encode(Image.new("RGB", (1, 1), (1, 2, 3)), "PNG"))
+    assert out.size == (1, 1) and PRESET.geometry(out).shape == (3, 16, 16)
