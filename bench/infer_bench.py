@@ -10,7 +10,6 @@ of images/s and ratios against the bare loop, and writes it as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from _report import report
 
 
 def make_jpegs(root: Path, n: int, side: int = 256) -> list[str]:
@@ -129,15 +130,10 @@ def main() -> None:
     base = args.images / results["bare loop (1 process, all cores)"]
     rows = [{"contender": k, "seconds": round(v, 2), "images_per_second": round(args.images / v, 1),
              "ratio_vs_bare": round(args.images / v / base, 3)} for k, v in results.items()]
-    print(f"\nResNet-18 at {args.size} px over {args.images} JPEGs (256x256), batch {args.batch}, "
-          f"{os.cpu_count()} CPUs; end to end, start-up included")
-    print(f"{'contender':<36} {'seconds':>8} {'images/s':>9} {'x bare':>7}")
-    for r in rows:
-        print(f"{r['contender']:<36} {r['seconds']:>8} {r['images_per_second']:>9} {r['ratio_vs_bare']:>7}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"images": args.images, "size": args.size, "batch": args.batch,
-                                           "cpus": os.cpu_count(), "results": rows}, indent=1))
-
+    report(f"ResNet-18 at {args.size} px over {args.images} JPEGs (256x256), batch {args.batch}, "
+           f"{os.cpu_count()} CPUs; end to end, start-up included", rows,
+           ["contender", "seconds", "images_per_second", "ratio_vs_bare"], args.json,
+           {"images": args.images, "size": args.size, "batch": args.batch, "cpus": os.cpu_count()})
 
 if __name__ == "__main__":
     main()

@@ -11,13 +11,14 @@ and writes it as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from _report import report
 
 
 def bare_loop(epochs: int, batch: int) -> float:
@@ -83,15 +84,9 @@ def main() -> None:
     base = rows["bare loop (tensors in memory)"][0]
     out = [{"contender": k, "images_per_second": round(v, 1), "ratio_vs_bare": round(v / base, 3),
             "wall_seconds": round(w, 1) if w else None} for k, (v, w) in rows.items()]
-    print(f"\nsimple_cnn, 32 px digits, global batch {args.batch}, {args.epochs} epochs (first excluded), "
-          f"{os.cpu_count()} CPUs")
-    print(f"{'contender':<34} {'images/s':>9} {'x bare':>7} {'run wall s':>10}")
-    for r in out:
-        print(f"{r['contender']:<34} {r['images_per_second']:>9} {r['ratio_vs_bare']:>7} {str(r['wall_seconds'] or '-'):>10}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"epochs": args.epochs, "batch": args.batch, "cpus": os.cpu_count(),
-                                           "results": out}, indent=1))
-
+    report(f"simple_cnn, 32 px digits, global batch {args.batch}, {args.epochs} epochs (first excluded), "
+           f"{os.cpu_count()} CPUs", out, ["contender", "images_per_second", "ratio_vs_bare", "wall_seconds"],
+           args.json, {"epochs": args.epochs, "batch": args.batch, "cpus": os.cpu_count()})
 
 if __name__ == "__main__":
     main()
