@@ -20,7 +20,8 @@ from raycv.data.registry import DatasetSplits, register_dataset
 from raycv.errors import UserError
 
 
-def _num_blocks(n: int) -> int:
+def num_blocks(n: int) -> int:
+    """Blocks for a list of n input rows: enough for parallel decode tasks, few enough to be cheap."""
     return max(4, min(200, n // 256))
 
 
@@ -63,7 +64,7 @@ def _rows(items: list[tuple[str, int]], *, embed_bytes: bool) -> ray.data.Datase
         if embed_bytes:  # small bundled sets travel with the job, so any node can decode them
             row["bytes"] = read_bytes(path)
         rows.append(row)
-    return ray.data.from_items(rows, override_num_blocks=_num_blocks(len(rows)))
+    return ray.data.from_items(rows, override_num_blocks=num_blocks(len(rows)))
 
 
 def _from_folder_split(root: str, cfg: DataSection, *, embed_bytes: bool, mean, std) -> DatasetSplits:
@@ -149,8 +150,9 @@ def _cifar_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def cifar10(cfg: DataSection) -> DatasetSplits:
     root = cfg.root.rstrip("/")
     train_files = [f"{root}/data_batch_{i}" for i in range(1, 6)]
-    present = [f for f in train_files if f in set(list_files(root))] if is_dir(root) else []
-    if not present or not is_dir(root):
+    listed = set(list_files(root)) if is_dir(root) else set()
+    present = [f for f in train_files if f in listed]
+    if not present:
         raise UserError(f"{root} does not look like cifar-10-batches-py (no data_batch_* files)")
     meta = load_cifar_batch(read_bytes(f"{root}/batches.meta"))
     classes = [c.decode() for c in meta[b"label_names"]]

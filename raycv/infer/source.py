@@ -11,7 +11,7 @@ import ray.data
 
 from raycv.config import InferConfig
 from raycv.data import build_dataset
-from raycv.data.sources import read_parquet_rows
+from raycv.data.sources import num_blocks, read_parquet_rows
 from raycv.data.io import IMAGE_EXTENSIONS, is_dir, list_files, resolve
 from raycv.errors import UserError
 
@@ -27,10 +27,6 @@ def _drop_done(batch: dict, *, done: frozenset) -> dict:
     return {k: v[keep] for k, v in batch.items()}
 
 
-def _blocks(n: int) -> int:
-    return max(2, min(400, n // 128))
-
-
 def open_input(cfg: InferConfig, done: set[str]) -> InputRows:
     spec = cfg.infer.input
     if spec is None:
@@ -43,7 +39,7 @@ def open_input(cfg: InferConfig, done: set[str]) -> InputRows:
         splits = build_dataset(cfg.data.model_copy(update={"name": name}))
         ds = (splits.val if split == "val" else splits.train).drop_columns(["label"])
         rows = [r for r in ds.take_all() if r["path"] not in done]
-        return InputRows(ray.data.from_items(rows, override_num_blocks=_blocks(len(rows))), len(rows))
+        return InputRows(ray.data.from_items(rows, override_num_blocks=num_blocks(len(rows))), len(rows))
 
     parquet = spec.endswith(".parquet") or (is_dir(spec) and any(f.endswith(".parquet") for f in list_files(spec)))
     if parquet:
@@ -68,7 +64,7 @@ def open_input(cfg: InferConfig, done: set[str]) -> InputRows:
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {spec}")
     rows = [{"path": p} for p in paths]
     # With nothing left to do (resume), the pipeline is skipped; the dataset is never executed.
-    ds = ray.data.from_items(rows or [{"path": ""}], override_num_blocks=_blocks(len(rows)))
+    ds = ray.data.from_items(rows or [{"path": ""}], override_num_blocks=num_blocks(len(rows)))
     return InputRows(ds, len(rows))
 
 
