@@ -1,4 +1,4 @@
-"""`raycv train | infer | evaluate | models | datasets`: parse, call one library function, exit.
+"""`raycv train | infer | evaluate | submit | jobs | models | datasets`: parse, call, exit.
 
 Every job verb takes `--config FILE` and dotted `key=value` overrides. A user error prints one
 line on stderr and exits with status 2, never a traceback.
@@ -35,6 +35,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", required=True, help="Parquet predictions written by `raycv infer`")
     p.add_argument("--labels", help="labelled source (default: the labels in the predictions' paths' folders)")
     p.add_argument("--output", help="folder for metrics.json and confusion_matrix.png")
+    p = sub.add_parser("submit", help="run train/infer/evaluate on a Ray cluster as a Ray job",
+                       description="Validate a train/infer/evaluate invocation here, then submit it as a Ray job. "
+                                   "Example: raycv submit --address http://127.0.0.1:8265 --wait train train.epochs=3")
+    p.add_argument("--address", help="the job server, http://<head>:8265 (default: $RAY_ADDRESS)")
+    p.add_argument("--working-dir", default=".", help="uploaded to the cluster; .gitignore/.rayignore apply (default: .)")
+    p.add_argument("--pip", action="append", default=[], metavar="REQ", help="pip requirement for the job (repeatable)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable for the job (repeatable)")
+    p.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the job's driver")
+    p.add_argument("--entrypoint-num-gpus", type=float, help="GPUs reserved for the job's driver")
+    p.add_argument("--entrypoint-resources", metavar="JSON", help='custom resources for the driver, e.g. \'{"accel": 1}\'')
+    p.add_argument("--submission-id", help="job id (default: raycv-<verb>-<time>-<random>)")
+    p.add_argument("--wait", action="store_true", help="stream the logs and exit with the job's outcome (0: SUCCEEDED)")
+    p.add_argument("job_verb", choices=["train", "infer", "evaluate"], metavar="{train,infer,evaluate}")
+    p.add_argument("job_args", nargs=argparse.REMAINDER, help="the verb's own arguments")
+    p = sub.add_parser("jobs", help="list, inspect, follow or stop submitted Ray jobs")
+    p.add_argument("--address", help="the job server, http://<head>:8265 (default: $RAY_ADDRESS)")
+    p.add_argument("action", choices=["list", "status", "logs", "stop"])
+    p.add_argument("job_id", nargs="?", help="submission id (status, logs, stop)")
+    p.add_argument("--follow", "-f", action="store_true", help="logs: stream until the job ends")
     sub.add_parser("models", help="list the model registry")
     sub.add_parser("datasets", help="list the dataset sources")
     return parser
@@ -58,15 +77,20 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_infer(args) -> int:
-    from raycv.config import load_config
-    from raycv.infer.pipeline import run_inference
-
+def infer_overrides(args) -> list[str]:
+    """--checkpoint/--input/--output are shorthands for infer.* overrides."""
     overrides = list(args.overrides)
     for key in ("checkpoint", "input", "output"):
         if getattr(args, key):
             overrides.append(f"infer.{key}={getattr(args, key)}")
-    cfg = load_config("infer", args.config, overrides)
+    return overrides
+
+
+def cmd_infer(args) -> int:
+    from raycv.config import load_config
+    from raycv.infer.pipeline import run_inference
+
+    cfg = load_config("infer", args.config, infer_overrides(args))
     s = run_inference(cfg)
     print(f"done: {s.rows} rows ({s.ok} ok, {s.errors} errors), {s.images_per_second:,.1f} images/s, "
           f"{s.wall_seconds:.0f} s")
@@ -81,6 +105,70 @@ def cmd_evaluate(args) -> int:
     print(json.dumps({k: report[k] for k in ("rows", "scored", "top1", "top5")}))
     if args.output:
         print(f"report: {args.output}")
+    return 0
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"{flag} wants KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def cmd_submit(args) -> int:
+    from raycv import submit
+
+    resources = {}
+    if args.entrypoint_resources:
+        try:
+            resources = {str(k): float(v) for k, v in json.loads(args.entrypoint_resources).items()}
+        except (ValueError, AttributeError, TypeError):
+            raise UserError(f"--entrypoint-resources wants a JSON object of numbers, got {args.entrypoint_resources!r}") from None
+    req = submit.JobRequest(verb=args.job_verb, args=list(args.job_args), address=args.address,
+                            working_dir=args.working_dir, pip=args.pip, env=_pairs(args.env, "--env"),
+                            num_cpus=args.entrypoint_num_cpus, num_gpus=args.entrypoint_num_gpus,
+                            resources=resources, submission_id=args.submission_id)
+    job_id, client = submit.submit(req)
+    print(f"submitted {job_id} to {submit.job_address(args.address)}", flush=True)
+    if not args.wait:
+        print(f"follow it: raycv jobs logs --follow {job_id}")
+        return 0
+    try:
+        status = submit.follow(client, job_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job goes on. Stop it with: raycv jobs stop {job_id}", file=sys.stderr)
+        return 130
+    print(f"job {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args) -> int:
+    from raycv import submit
+
+    if args.action != "list" and not args.job_id:
+        raise UserError(f"`raycv jobs {args.action}` needs a job id")
+    if args.action == "list":
+        jobs = submit.call(args.address, "cannot list jobs", lambda c: c.list_jobs())
+        for job in sorted(jobs, key=lambda j: j.start_time or 0):
+            print(submit.describe(job))
+    elif args.action == "status":
+        info = submit.call(args.address, f"no job {args.job_id}", lambda c: c.get_job_info(args.job_id))
+        print(submit.describe(info))
+        if info.message:
+            print(info.message)
+    elif args.action == "logs":
+        if args.follow:
+            c = submit.client(args.address)
+            submit.call(args.address, f"no job {args.job_id}", lambda c: c.get_job_status(args.job_id))
+            status = submit.follow(c, args.job_id)
+            return 0 if status == "SUCCEEDED" else 1
+        print(submit.call(args.address, f"no job {args.job_id}", lambda c: c.get_job_logs(args.job_id)), end="")
+    else:
+        stopped = submit.call(args.address, f"cannot stop {args.job_id}", lambda c: c.stop_job(args.job_id))
+        print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
     return 0
 
 
@@ -101,7 +189,8 @@ def cmd_datasets(args) -> int:
 
 
 COMMANDS: dict[str, Callable] = {"train": cmd_train, "infer": cmd_infer, "evaluate": cmd_evaluate,
-                                 "models": cmd_models, "datasets": cmd_datasets}
+                                 "submit": cmd_submit, "jobs": cmd_jobs, "models": cmd_models,
+                                 "datasets": cmd_datasets}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,6 +101,7 @@ class InferSection(_Section):
     max_actors: int = Field(1, ge=1)
     cpus_per_actor: float | None = Field(None, gt=0.0)  # default: what the cluster can spare
     use_gpu: bool = False
+    actor_resources: dict[str, float] = Field(default_factory=dict)  # custom resources per actor, e.g. {accel: 1}
     path_column: str = "path"  # parquet inputs: the id / path column
     image_column: str = "image"  # parquet inputs: encoded image bytes
     rows_per_file: int = Field(100_000, ge=1)

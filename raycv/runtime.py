@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import ray
 import ray.data
@@ -36,26 +37,40 @@ def connect(address: str | None = None, *, verbose: bool = False) -> None:
         ray.init(include_dashboard=False, **kwargs)
 
 
-def cluster_cpus() -> float:
-    return float(ray.cluster_resources().get("CPU", 0.0))
+@dataclass(frozen=True)
+class CpuBudget:
+    total: float  # every CPU of the cluster: what a request is checked against
+    free: float  # not held right now (say, by this job's own driver): what default sizes share
+    largest_node: float  # one worker or actor cannot span nodes
+
+
+def cpu_budget() -> CpuBudget:
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    free = float(ray.available_resources().get("CPU", 0.0))
+    nodes = [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+    return CpuBudget(total=total, free=min(free, total), largest_node=max(nodes, default=total))
 
 
 def plan_worker_resources(*, num_workers: int, use_gpu: bool, cpus_per_worker: float | None,
-                          gpus_per_worker: float, data_cpus: float, total_cpus: float) -> tuple[dict, int]:
+                          gpus_per_worker: float, data_cpus: float, total_cpus: float,
+                          free_cpus: float | None = None, node_cpus: float | None = None) -> tuple[dict, int]:
     """-> (resources_per_worker, torch intra-op threads per worker).
 
     Ray's documented TorchTrainer + Ray Data pattern gives each worker a whole CPU; with 2 workers
-    on 2 CPUs Ray Data then gets none and the run waits forever. By default raycv splits what the
-    cluster has minus `data_cpus` between the workers (fractions are fine: Ray CPUs are a
-    scheduling unit, not a cgroup), and refuses up front a request that can never be placed.
+    on 2 CPUs Ray Data then gets none and the run waits forever. By default raycv splits the CPUs
+    free now (`free_cpus`, e.g. less what a job's driver reserved) minus `data_cpus` between the
+    workers, no more than one node holds (fractions are fine: Ray CPUs are a scheduling unit,
+    not a cgroup), and refuses up front a request that can never be placed.
     """
+    free_cpus = total_cpus if free_cpus is None else free_cpus
+    node_cpus = total_cpus if node_cpus is None else node_cpus
     if use_gpu:
         cpus = cpus_per_worker if cpus_per_worker is not None else 1.0
         resources = {"CPU": cpus, "GPU": gpus_per_worker}
     else:
         if cpus_per_worker is None:
-            spare = total_cpus - data_cpus
-            cpus = spare / num_workers
+            spare = free_cpus - data_cpus
+            cpus = min(spare / num_workers, node_cpus)
             if cpus < 0.1:
                 raise UserError(
                     f"scaling.num_workers={num_workers} does not fit this cluster's {total_cpus:g} CPUs "

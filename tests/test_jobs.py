@@ -1,4 +1,6 @@
-"""`ray job submit` against a real `ray start --head` on loopback: train, then infer, both SUCCEEDED.
+"""Jobs against a real `ray start --head` on loopback with Ray's token authentication on:
+`ray job submit` and `raycv submit` / `raycv jobs` run train and infer jobs, follow and stop them;
+without the token every request is refused.
 
 The head gets its own temp dir and ports (other Ray instances may run on this host), is started
 with --block in its own process group, and only that group is stopped afterwards: never `ray stop`.
@@ -15,6 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -29,11 +32,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _env(token_path: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` in jobs: this venv
+    if token_path:
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path)
+    return env
+
+
+class Head:
+    def __init__(self, address: str, token: str, token_path: str):
+        self.address, self.token, self.token_path = address, token, token_path
+        self.env = _env(token_path)  # what a user with the token has
+
+    def client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.address, headers={"Authorization": f"Bearer {self.token}"})
+
+
 @pytest.fixture(scope="module")
 def head():
     ports = {name: _free_port() for name in ("gcs", "dashboard", "agent", "metrics", "runtime_env", "client")}
     temp = tempfile.mkdtemp(prefix="rcj-")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    token = uuid.uuid4().hex
+    token_path = Path(temp) / "auth_token"
+    token_path.write_text(token)
+    token_path.chmod(0o600)
+    env = _env(str(token_path))
     log = open(Path(temp) / "head.log", "w")
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={ports['gcs']}",
@@ -46,13 +72,14 @@ def head():
     deadline = time.monotonic() + 120
     while True:
         try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            urllib.request.urlopen(urllib.request.Request(
+                f"{address}/api/version", headers={"Authorization": f"Bearer {token}"}), timeout=2)
             break
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"ray start --head failed: {(Path(temp) / 'head.log').read_text()[-2000:]}")
             time.sleep(1)
-    yield address
+    yield Head(address, token, str(token_path))
     os.killpg(proc.pid, signal.SIGTERM)  # our head and its children only
     try:
         proc.wait(timeout=30)
@@ -61,33 +88,116 @@ def head():
     log.close()
 
 
-def _submit(address: str, job_id: str, *entrypoint: str) -> tuple[str, str]:
+def _ray_job_submit(head: Head, job_id: str, *entrypoint: str) -> tuple[str, str]:
     """The real `ray job submit` CLI (it waits and streams the logs); -> (final status, output)."""
-    from ray.job_submission import JobSubmissionClient
+    r = subprocess.run([RAY, "job", "submit", "--address", head.address, "--submission-id", job_id, "--working-dir",
+                        str(REPO), "--", "python", *entrypoint], capture_output=True, text=True, timeout=300,
+                       cwd=REPO, env=head.env)
+    return str(head.client().get_job_status(job_id).value), r.stdout + r.stderr
 
-    r = subprocess.run([RAY, "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir",
-                        str(REPO), "--", sys.executable, *entrypoint], capture_output=True, text=True, timeout=600,
-                       cwd=REPO)
-    status = JobSubmissionClient(address).get_job_status(job_id)
-    return str(status.value), r.stdout + r.stderr
+
+def _raycv(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "raycv.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env=env)
+
+
+@pytest.fixture(scope="module")
+def trained(head, tmp_path_factory) -> Path:
+    """One training job through `ray job submit`, shared by the tests below."""
+    runs = tmp_path_factory.mktemp("job-runs")
+    status, out = _ray_job_submit(head, "raycv-train", "jobs/train.py", "train.epochs=1", "scaling.num_workers=1",
+                                  f"run.storage_path={runs}", "run.name=job")
+    assert status == "SUCCEEDED", out[-3000:]
+    return runs / "job"
 
 
 @pytest.mark.slow
-def test_ray_job_submit_train_then_infer(head, tmp_path):
-    status, out = _submit(head, "raycv-train", "jobs/train.py", "train.epochs=1", "scaling.num_workers=1",
-                  f"run.storage_path={tmp_path / 'runs'}", "run.name=job")
-    assert status == "SUCCEEDED", out[-3000:]
-    summary = json.loads((tmp_path / "runs" / "job" / "summary.json").read_text())
+def test_ray_job_submit_train_then_infer(head, trained, tmp_path):
+    summary = json.loads((trained / "summary.json").read_text())
     assert summary["epochs"] == 1 and Path(summary["best_checkpoint"], "model.pt").is_file()
 
-    status, out = _submit(head, "raycv-infer", "jobs/infer.py", "--checkpoint", str(tmp_path / "runs" / "job"),
-                  "--input", "registry:digits:val", "--output", str(tmp_path / "preds"))
+    status, out = _ray_job_submit(head, "raycv-infer", "jobs/infer.py", "--checkpoint", str(trained),
+                                  "--input", "registry:digits:val", "--output", str(tmp_path / "preds"))
     assert status == "SUCCEEDED", out[-3000:]
     manifest = json.loads((tmp_path / "preds" / "_raycv_manifest.json").read_text())
     assert manifest["rows"] == 359 and manifest["errors"] == 0
 
 
 @pytest.mark.slow
-def test_failing_job_reports_failed(head, tmp_path):
-    status, out = _submit(head, "raycv-bad", "jobs/train.py", "train.epoch=1")
-    assert status == "FAILED" and "unknown config key 'train.epoch'" in out
+def test_raycv_submit_wait_list_status_logs(head, trained, tmp_path):
+    r = _raycv("submit", "--address", head.address, "--wait", "--submission-id", "rcv-infer-1",
+               "--entrypoint-num-cpus", "0.25", "--env", "RAYCV_JOB_MARK=seen",
+               "infer", "--checkpoint", str(trained), "--input", "registry:digits:val",
+               "--output", str(tmp_path / "preds"), env=head.env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "job rcv-infer-1: SUCCEEDED" in r.stdout and "359 rows" in r.stdout  # the job's own log, streamed
+    assert json.loads((tmp_path / "preds" / "_raycv_manifest.json").read_text())["rows"] == 359
+    info = head.client().get_job_info("rcv-infer-1")
+    assert info.entrypoint == f"python jobs/infer.py --checkpoint {trained} --input registry:digits:val --output {tmp_path / 'preds'}"
+    assert info.runtime_env["env_vars"] == {"RAYCV_JOB_MARK": "seen"} and info.metadata["raycv_verb"] == "infer"
+
+    listed = _raycv("jobs", "list", "--address", head.address, env=head.env)
+    assert listed.returncode == 0 and any(ln.startswith("rcv-infer-1") and "SUCCEEDED" in ln
+                                          for ln in listed.stdout.splitlines()), listed.stdout
+    status = _raycv("jobs", "status", "rcv-infer-1", "--address", head.address, env=head.env)
+    assert status.returncode == 0 and "SUCCEEDED" in status.stdout
+    logs = _raycv("jobs", "logs", "rcv-infer-1", "--address", head.address, env=head.env)
+    assert logs.returncode == 0 and "predictions:" in logs.stdout
+
+
+@pytest.mark.slow
+def test_raycv_submit_then_stop(head, tmp_path):
+    r = _raycv("submit", "--address", head.address, "--submission-id", "rcv-long", "train", "train.epochs=200",
+               "scaling.num_workers=1", f"run.storage_path={tmp_path}", env=head.env)
+    assert r.returncode == 0 and "submitted rcv-long" in r.stdout, r.stderr
+    stop = _raycv("jobs", "stop", "rcv-long", "--address", head.address, env=head.env)
+    assert stop.returncode == 0 and "stop requested" in stop.stdout, stop.stdout + stop.stderr
+    deadline = time.monotonic() + 60
+    while (s := str(head.client().get_job_status("rcv-long").value)) not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        assert time.monotonic() < deadline, s
+        time.sleep(1)
+    assert s == "STOPPED"
+
+
+@pytest.mark.slow
+def test_job_that_fails_on_the_cluster_exits_nonzero(head, tmp_path):
+    """Valid config, missing checkpoint: only the cluster can tell. --wait exits 1 with the one-line error."""
+    r = _raycv("submit", "--address", head.address, "--wait", "infer", "--checkpoint", str(tmp_path / "nope"),
+               "--input", "registry:digits:val", "--output", str(tmp_path / "p"), env=head.env)
+    assert r.returncode == 1 and "FAILED" in r.stdout and "checkpoint not found" in r.stdout, r.stdout[-2000:]
+    assert not (tmp_path / "p").exists()
+
+
+def test_bad_config_is_refused_before_submission(head):
+    r = _raycv("submit", "--address", head.address, "train", "train.epoch=1", env=head.env, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "raycv submit: error: unknown config key 'train.epoch' (valid keys here: epochs, warmup_epochs, "
+        "warmup_factor, lr_schedule, step_epochs, step_gamma, label_smoothing, checkpoint_metric, "
+        "keep_checkpoints, max_failures, seed)"]
+    assert not any(j.entrypoint.endswith("train.epoch=1") for j in head.client().list_jobs())
+
+
+def test_token_auth_refuses_requests_without_the_token(head, tmp_path):
+    for env, word in ((_env(None), "Authentication required"), (_env(None) | {
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}, "Authentication failed")):
+        r = _raycv("submit", "--address", head.address, "train", "train.epochs=1", env=env, timeout=60)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and word in r.stderr, r.stderr
+        r = _raycv("jobs", "list", "--address", head.address, env=env, timeout=60)
+        assert r.returncode == 2 and word in r.stderr, r.stderr
+    r = subprocess.run([RAY, "job", "list", "--address", head.address], capture_output=True, text=True,
+                       env=_env(None), timeout=60)
+    assert r.returncode != 0
+    assert not any(j.entrypoint.endswith("train.epochs=1") and j.submission_id.startswith("raycv-train")
+                   for j in head.client().list_jobs())
+
+
+def test_rayignore_keeps_the_upload_small():
+    """The uploaded working dir leaves out runs, outputs, venvs and weights, even with .gitignore off."""
+    from ray._private.runtime_env.packaging import get_excludes_from_ignore_files
+
+    (ignored,) = get_excludes_from_ignore_files(REPO, include_gitignore=False)
+    for rel in ("runs/x/model.pt", ".venv/lib/torch.so", "outputs/p.parquet", "bench/results/r.json", "data/cifar",
+                ".git/objects", "raycv/__pycache__/cli.pyc", "w.pth"):
+        assert ignored(REPO / rel), rel
+    for rel in ("raycv/data/sources.py", "jobs/train.py", "jobs/configs/digits_cnn.yaml", "cluster.yaml"):
+        assert not ignored(REPO / rel), rel

@@ -92,14 +92,19 @@ def _head_features(model) -> int:
     return model.get_submodule(last_linear_name(model)).in_features
 
 
-def plan_actors(cfg: InferConfig, total_cpus: float, decode_cpus: float) -> tuple[float, int]:
-    """(CPUs per predictor actor, torch threads). An actor that takes every CPU leaves the decode
-    tasks none and the pipeline waits forever without a word: refuse that up front."""
+def plan_actors(cfg: InferConfig, total_cpus: float, decode_cpus: float, free_cpus: float | None = None,
+                node_cpus: float | None = None) -> tuple[float, int]:
+    """(CPUs per predictor actor, torch threads). By default the actors share the CPUs free now
+    (less what this job's driver holds) minus `decode_cpus`. An actor that takes every CPU leaves
+    the decode tasks none and the pipeline waits forever without a word: refuse that up front.
+    Actors on accelerators (GPU or `infer.actor_resources`) may wait for an autoscaler to add them."""
     n = cfg.infer.max_actors
-    if cfg.infer.use_gpu:
+    if cfg.infer.use_gpu or cfg.infer.actor_resources:
         cpus = cfg.infer.cpus_per_actor or 1.0
         return cpus, max(1, int(cpus + 0.5))
-    cpus = cfg.infer.cpus_per_actor or max(0.25, (total_cpus - decode_cpus) / n)
+    free_cpus = total_cpus if free_cpus is None else free_cpus
+    node_cpus = total_cpus if node_cpus is None else node_cpus
+    cpus = cfg.infer.cpus_per_actor or max(0.25, min((free_cpus - decode_cpus) / n, node_cpus))
     if n * cpus + decode_cpus > total_cpus + 1e-6:
         raise UserError(f"infer.max_actors={n} x {cpus:g} CPUs + {decode_cpus:g} for decoding needs more than this "
                         f"cluster's {total_cpus:g} CPUs and would wait forever; lower infer.cpus_per_actor or "
@@ -119,7 +124,8 @@ def run_inference(cfg: InferConfig) -> InferSummary:
         done = out.done_paths(base)
         inputs = open_input(cfg, done)
         decode_cpus = cfg.data.decode_cpus
-        actor_cpus, threads = plan_actors(cfg, runtime.cluster_cpus(), decode_cpus)
+        budget = runtime.cpu_budget()
+        actor_cpus, threads = plan_actors(cfg, budget.total, decode_cpus, budget.free, budget.largest_node)
         metadata = file_metadata(checkpoint=spec.checkpoint, model=spec.name, classes=spec.classes,
                                  preprocess=spec.preprocess.to_dict())
         embedding_dim = spec.embedding_dim if cfg.infer.embedding else None
@@ -139,7 +145,8 @@ def run_inference(cfg: InferConfig) -> InferSummary:
             ds = ds.map_batches(
                 ClassificationPredictor, fn_constructor_kwargs=predictor_kwargs, batch_size=cfg.infer.batch_size,
                 compute=ray.data.ActorPoolStrategy(min_size=cfg.infer.min_actors, max_size=cfg.infer.max_actors),
-                num_cpus=actor_cpus, num_gpus=1 if cfg.infer.use_gpu else 0)
+                num_cpus=actor_cpus, num_gpus=1 if cfg.infer.use_gpu else 0,
+                **({"resources": dict(cfg.infer.actor_resources)} if cfg.infer.actor_resources else {}))
             progress.start()
             try:
                 ds.write_parquet(out.tmp_uri, schema=classification_schema(embedding_dim).with_metadata(metadata),

@@ -127,9 +127,11 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
+    budget = runtime.cpu_budget()
     resources, threads = runtime.plan_worker_resources(
         num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
-        gpus_per_worker=cfg.scaling.gpus_per_worker, data_cpus=cfg.scaling.data_cpus, total_cpus=runtime.cluster_cpus())
+        gpus_per_worker=cfg.scaling.gpus_per_worker, data_cpus=cfg.scaling.data_cpus, total_cpus=budget.total,
+        free_cpus=budget.free, node_cpus=budget.largest_node)
 
     splits = build_dataset(cfg.data)
     train_preset, eval_preset = make_presets(cfg, splits.mean, splits.std)
