@@ -79,6 +79,8 @@ class ScalingSection(_Section):
     cpus_per_worker: float | None = Field(None, gt=0.0)  # default: share the cluster's CPUs with Ray Data
     gpus_per_worker: float = Field(1.0, gt=0.0)  # with use_gpu
     data_cpus: float = Field(0.5, ge=0.0)  # CPUs left free for Ray Data while training runs
+    # how workers are placed: PACK fills a node first; SPREAD / STRICT_SPREAD put them on different nodes
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 class RunSection(_Section):

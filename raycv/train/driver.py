@@ -150,7 +150,8 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
             "eval_preset": eval_preset.to_dict(), "num_train": splits.num_train, "threads": threads,
         },
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=cfg.scaling.placement_strategy),
         run_config=RunConfig(
             name=name, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,

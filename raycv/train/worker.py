@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -66,6 +67,16 @@ def evaluate(model: torch.nn.Module, shard, preset: ClassificationEvalPreset, lo
             "val_count": int(n)}
 
 
+def _worker_nodes(rank: int, world: int) -> list[str]:
+    """The Ray node ID of every rank, in rank order (for the metrics log: who ran where)."""
+    mine = ray.get_runtime_context().get_node_id()
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    nodes: list[Any] = [None] * world
+    dist.all_gather_object(nodes, mine)
+    return [str(n) for n in nodes]
+
+
 def _log_epoch(run_dir: Path, record: dict[str, Any]) -> None:
     with open(run_dir / METRICS_LOG, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -112,6 +123,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _trim_log(run_dir, start_epoch)
 
     model = ray.train.torch.prepare_model(model)
+    nodes = _worker_nodes(rank, world)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     collate = AugmentCollate(train_preset)
@@ -149,5 +161,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                        config=config["cfg"])
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}
             checkpoint = Checkpoint.from_directory(str(ckpt.write_checkpoint(ckpt.new_checkpoint_dir(), model, info, state)))
-            _log_epoch(run_dir, {**metrics, "time": time.time()})
+            _log_epoch(run_dir, {**metrics, "worker_nodes": nodes, "time": time.time()})
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")

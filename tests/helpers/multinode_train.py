@@ -1,0 +1,46 @@
+"""Run by tests/test_multinode.py in its own process: a three-raylet `ray.cluster_utils.Cluster` on
+this host (its own ports and temp dir), a 2-worker STRICT_SPREAD training run on it, the summary and
+the workers' node IDs printed as one JSON line. Each raylet is a Ray node with its own node ID, object
+store and worker processes, as on separate machines; only what Ray is told, not the hardware, differs."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import tempfile
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(storage: str, *overrides: str) -> None:
+    from ray.cluster_utils import Cluster
+
+    temp = tempfile.mkdtemp(prefix="rcm-")
+    cluster = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=1, gcs_server_port=free_port(), temp_dir=temp, include_dashboard=False,
+        dashboard_agent_listen_port=free_port()))
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, temp_dir=temp)
+        cluster.wait_for_nodes()
+        import ray
+
+        from raycv.config import load_config
+        from raycv.train.driver import fit
+
+        cfg = load_config("train", None, [*overrides, f"run.storage_path={storage}", f"run.address={cluster.address}"])
+        summary = fit(cfg, echo=lambda s: print(s, file=sys.stderr))
+        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        print(json.dumps({"summary": summary.to_json(), "cluster_nodes": nodes}))
+        ray.shutdown()
+    finally:
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
