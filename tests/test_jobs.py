@@ -9,83 +9,33 @@ with --block in its own process group, and only that group is stopped afterwards
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+from helpers.head import RAY, Head, clean_env
 
 REPO = Path(__file__).parents[1]
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(token_path: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` in jobs: this venv
-    if token_path:
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path)
-    return env
-
-
-class Head:
-    def __init__(self, address: str, token: str, token_path: str):
-        self.address, self.token, self.token_path = address, token, token_path
-        self.env = _env(token_path)  # what a user with the token has
-
-    def client(self):
-        from ray.job_submission import JobSubmissionClient
-
-        return JobSubmissionClient(self.address, headers={"Authorization": f"Bearer {self.token}"})
+    return clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_path) if token_path else clean_env()
 
 
 @pytest.fixture(scope="module")
 def head():
-    ports = {name: _free_port() for name in ("gcs", "dashboard", "agent", "metrics", "runtime_env", "client")}
-    temp = tempfile.mkdtemp(prefix="rcj-")
+    temp = Path(tempfile.mkdtemp(prefix="rcj-"))
     token = uuid.uuid4().hex
-    token_path = Path(temp) / "auth_token"
+    token_path = temp / "auth_token"
     token_path.write_text(token)
     token_path.chmod(0o600)
-    env = _env(str(token_path))
-    log = open(Path(temp) / "head.log", "w")
-    proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={ports['gcs']}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
-         f"--dashboard-agent-listen-port={ports['agent']}", f"--metrics-export-port={ports['metrics']}",
-         f"--runtime-env-agent-port={ports['runtime_env']}", f"--ray-client-server-port={ports['client']}",
-         "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{ports['dashboard']}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(urllib.request.Request(
-                f"{address}/api/version", headers={"Authorization": f"Bearer {token}"}), timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray start --head failed: {(Path(temp) / 'head.log').read_text()[-2000:]}")
-            time.sleep(1)
-    yield Head(address, token, str(token_path))
-    os.killpg(proc.pid, signal.SIGTERM)  # our head and its children only
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+    h = Head(temp, _env(str(token_path)), "--node-ip-address=127.0.0.1", token=token)
+    yield h
+    h.stop()
 
 
 def _ray_job_submit(head: Head, job_id: str, *entrypoint: str) -> tuple[str, str]:

@@ -63,3 +63,53 @@ def read_bytes(path: str) -> bytes:
     fs, p = resolve(path)
     with fs.open_input_stream(p) as f:
         return f.read()
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def read_text(path: str) -> str | None:
+    """A small text file's content, or None when there is no such file."""
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(p) as f:
+        return f.read().decode()
+
+
+def write_text(path: str, text: str) -> None:
+    """Replace a small text file whole: locally through a temp file and a rename, on object
+    storage with one PUT (both atomic: a reader sees the old or the new content, never half)."""
+    fs, p = resolve(path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        import os
+        from pathlib import Path
+
+        target = Path(p)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+        return
+    with fs.open_output_stream(p) as f:
+        f.write(text.encode())
+
+
+def list_names(path: str) -> list[str]:
+    """The names directly inside a folder (files and folders); [] when it does not exist."""
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    return sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(p)))
+
+
+def make_dirs(path: str) -> None:
+    fs, p = resolve(path)
+    fs.create_dir(p, recursive=True)
+
+
+def download_dir(uri: str, local: str) -> None:
+    """Copy a folder from any pyarrow filesystem to a local folder."""
+    fs, p = resolve(uri)
+    pafs.copy_files(p, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())

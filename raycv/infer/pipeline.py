@@ -15,6 +15,7 @@ import torch
 
 from raycv import runtime
 from raycv.config import InferConfig
+from raycv.data import io as fsio
 from raycv.data.decode import decode_batch
 from raycv.data.presets import ClassificationEvalPreset
 from raycv.errors import UserError
@@ -51,19 +52,19 @@ class ModelSpec:
     embedding_dim: int  # input features of the classifier head: the `embedding` column's size
 
 
-def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint folder, or a run folder (its summary's best checkpoint)."""
-    p = Path(path).expanduser()
-    if (p / ckpt.META_FILE).is_file():
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint folder, or a run folder (its summary's best checkpoint); local or a URI."""
+    p = fsio.normalize(path)
+    if fsio.read_text(fsio.join(p, ckpt.META_FILE)) is not None:
         return p
-    summary = p / "summary.json"
-    if summary.is_file():
-        best = json.loads(summary.read_text()).get("best_checkpoint")
+    summary = fsio.read_text(fsio.join(p, "summary.json"))
+    if summary is not None:
+        best = json.loads(summary).get("best_checkpoint")
         if best:
-            return Path(best)
-    if not p.exists():
-        raise UserError(f"checkpoint not found: {p}")
-    raise UserError(f"not a raycv checkpoint or run directory: {p} (no {ckpt.META_FILE} or summary.json)")
+            return best
+    if not fsio.list_names(p) and not fsio.is_dir(p):
+        raise UserError(f"checkpoint not found: {path}")
+    raise UserError(f"not a raycv checkpoint or run directory: {path} (no {ckpt.META_FILE} or summary.json)")
 
 
 def load_spec(cfg: InferConfig) -> ModelSpec:

@@ -81,8 +81,28 @@ def _tensors_only(path: Path) -> Any:
                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
+_DOWNLOADED: dict[str, Path] = {}
+
+
+def local_dir(directory: str | os.PathLike) -> Path:
+    """A checkpoint on object storage (`s3://...`) is copied to a local temp folder, once per process."""
+    uri = str(directory)
+    if "://" not in uri:
+        return Path(directory)
+    if uri not in _DOWNLOADED:
+        from raycv.data import io as fsio
+
+        local = Path(tempfile.mkdtemp(prefix="raycv-ckpt-dl-"))
+        try:
+            fsio.download_dir(uri, str(local))
+        except OSError as e:
+            raise UserError(f"checkpoint not found: {uri} ({str(e).splitlines()[0]})") from None
+        _DOWNLOADED[uri] = local
+    return _DOWNLOADED[uri]
+
+
 def read_info(directory: str | os.PathLike) -> CheckpointInfo:
-    d = Path(directory)
+    d = local_dir(directory)
     if not d.is_dir():
         raise UserError(f"checkpoint not found: {d}")
     meta = d / META_FILE
@@ -113,7 +133,7 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, CheckpointInfo]
     info = read_info(directory)
     model = get_model(info.model_name, num_classes=len(info.classes), **info.model_kwargs)
     try:
-        model.load_state_dict(load_state_dict(directory))
+        model.load_state_dict(load_state_dict(local_dir(directory)))
     except RuntimeError as e:
         raise UserError(f"checkpoint {directory} does not fit model {info.model_name!r} with "
                         f"{len(info.classes)} classes: {str(e).splitlines()[0]}") from None

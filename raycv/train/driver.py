@@ -7,7 +7,6 @@ import json
 import threading
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable
 
 import ray
@@ -18,6 +17,7 @@ from ray.train.torch import TorchTrainer
 from raycv import runtime
 from raycv.config import TrainConfig, default_run_name, resolve_storage_path, to_yaml
 from raycv.data import build_dataset
+from raycv.data import io as fsio
 from raycv.data.decode import decode_batch
 from raycv.data.presets import ClassificationEvalPreset, ClassificationTrainPreset
 from raycv.errors import UserError
@@ -81,22 +81,23 @@ def decoded(ds: ray.data.Dataset, preset, *, num_cpus: float, cache: bool) -> ra
 class _Progress(threading.Thread):
     """Prints one line per epoch as rank 0 appends it to the metrics log (a few lines: re-read)."""
 
-    def __init__(self, log: Path, echo: Callable[[str], None], since: float):
+    def __init__(self, log: str, echo: Callable[[str], None], since: float):
         super().__init__(daemon=True)
         self.log, self.echo, self.since, self.stop = log, echo, since, threading.Event()
         self.printed: set[int] = set()
+        self.every = 0.5 if "://" not in log else 3.0  # object storage: fewer requests
 
     def run(self) -> None:
-        while not self.stop.wait(0.5):
+        while not self.stop.wait(self.every):
             self.poll()
         self.poll()
 
     def poll(self) -> None:
         try:
-            lines = self.log.read_text().splitlines()
-        except FileNotFoundError:
+            text = fsio.read_text(self.log)
+        except OSError:  # object storage hiccup: try again at the next tick
             return
-        for line in lines:
+        for line in (text or "").splitlines():
             try:
                 m = json.loads(line)
             except json.JSONDecodeError:  # a line being written
@@ -121,11 +122,12 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
     storage = resolve_storage_path(cfg.run.storage_path)
     name = cfg.run.name or default_run_name(cfg)
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name, "storage_path": storage})})
-    run_dir = Path(storage) / name
-    if "://" in storage:
-        raise UserError("run.storage_path must be a local or shared folder for now (object storage comes with cluster support)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    run_dir = fsio.join(storage, name)  # a local folder, a shared mount, or an object-storage URI
+    try:
+        fsio.make_dirs(run_dir)
+        fsio.write_text(fsio.join(run_dir, "config.yaml"), to_yaml(cfg))
+    except OSError as e:
+        raise UserError(f"cannot write the run directory {run_dir}: {str(e).splitlines()[0]}") from None
 
     budget = runtime.cpu_budget()
     resources, threads = runtime.plan_worker_resources(
@@ -145,7 +147,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "cfg": cfg.model_dump(mode="json"), "classes": splits.classes, "run_dir": str(run_dir),
+            "cfg": cfg.model_dump(mode="json"), "classes": splits.classes, "run_dir": run_dir,
             "train_preset": {k: getattr(train_preset, k) for k in ("input_size", "resize_size", "augment", "hflip", "mean", "std")},
             "eval_preset": eval_preset.to_dict(), "num_train": splits.num_train, "threads": threads,
         },
@@ -162,7 +164,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
         datasets={"train": train_ds.randomize_block_order(), "val": val_ds},
         dataset_config=_ExactValSplit(),
     )
-    progress = _Progress(run_dir / METRICS_LOG, echo, since=time.time())
+    progress = _Progress(fsio.join(run_dir, METRICS_LOG), echo, since=time.time())
     resumed_from = _latest_checkpoint_epoch(run_dir)
     progress.start()
     try:
@@ -174,29 +176,40 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
     best = result.get_best_checkpoint(metric=cfg.train.checkpoint_metric, mode=order) if result.best_checkpoints else None
     best_metrics = next((m for c, m in result.best_checkpoints or [] if best is not None and c.path == best.path), {})
     summary = TrainSummary(
-        run_dir=str(run_dir), best_checkpoint=best.path if best else None,
-        latest_checkpoint=result.checkpoint.path if result.checkpoint else None,
+        run_dir=run_dir, best_checkpoint=_uri(best, storage),
+        latest_checkpoint=_uri(result.checkpoint, storage),
         epochs=_latest_checkpoint_epoch(run_dir), val_accuracy=best_metrics.get("val_accuracy"),
         val_top5=best_metrics.get("val_top5"), val_loss=best_metrics.get("val_loss"),
         images_per_second=_mean_throughput(run_dir), wall_seconds=time.perf_counter() - t_start,
         resumed_from_epoch=resumed_from,
     )
-    (run_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=1))
+    fsio.write_text(fsio.join(run_dir, "summary.json"), json.dumps(summary.to_json(), indent=1))
     return summary
 
 
-def _latest_checkpoint_epoch(run_dir: Path) -> int:
-    """The epoch a re-run resumes from: Ray Train always keeps the latest checkpoint (0: none)."""
-    from raycv.train.checkpoint import read_info
+def _uri(checkpoint, storage: str) -> str | None:
+    """Ray reports a checkpoint's path inside its filesystem (no scheme): give the scheme back."""
+    if checkpoint is None:
+        return None
+    fs, _ = fsio.resolve(storage)
+    return fsio.with_scheme(fs, checkpoint.path, storage)
 
-    epochs = [read_info(d).epoch for d in run_dir.glob("checkpoint_*") if (d / "raycv.json").is_file()]
+
+def _latest_checkpoint_epoch(run_dir: str) -> int:
+    """The epoch a re-run resumes from: Ray Train always keeps the latest checkpoint (0: none)."""
+    from raycv.train.checkpoint import META_FILE
+
+    epochs = []
+    for name in fsio.list_names(run_dir):
+        if name.startswith("checkpoint_") and (meta := fsio.read_text(fsio.join(run_dir, name, META_FILE))):
+            epochs.append(int(json.loads(meta)["epoch"]))
     return max(epochs, default=0)
 
 
-def _mean_throughput(run_dir: Path) -> float | None:
-    p = run_dir / METRICS_LOG
-    if not p.is_file():
+def _mean_throughput(run_dir: str) -> float | None:
+    text = fsio.read_text(fsio.join(run_dir, METRICS_LOG))
+    if not text:
         return None
-    rows = [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+    rows = [json.loads(ln) for ln in text.splitlines() if ln.strip()]
     steady = rows[1:] or rows  # the first epoch pays for warm-up
     return sum(r["images_per_second"] for r in steady) / len(steady) if steady else None

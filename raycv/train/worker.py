@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import Checkpoint
 
 from raycv.config import TrainConfig
+from raycv.data import io as fsio
 from raycv.data.presets import ClassificationEvalPreset, ClassificationTrainPreset
 from raycv.models import get_model
 from raycv.train import checkpoint as ckpt
@@ -77,23 +77,29 @@ def _worker_nodes(rank: int, world: int) -> list[str]:
     return [str(n) for n in nodes]
 
 
-def _log_epoch(run_dir: Path, record: dict[str, Any]) -> None:
-    with open(run_dir / METRICS_LOG, "a") as f:
-        f.write(json.dumps(record) + "\n")
+class MetricsLog:
+    """Rank 0's metrics log, one JSON line per epoch. The whole (small) file is rewritten each
+    epoch, atomically, so it works the same on object storage, which cannot append."""
 
+    def __init__(self, run_dir: str, resume_epoch: int):
+        self.path = fsio.join(run_dir, METRICS_LOG)
+        old = fsio.read_text(self.path) or ""
+        # On resume, drop the lines of epochs that will be trained again (no duplicates).
+        self.lines = [ln for ln in old.splitlines() if ln and json.loads(ln).get("epoch", 0) < resume_epoch]
+        fsio.write_text(self.path, self._text())
 
-def _trim_log(run_dir: Path, before_epoch: int) -> None:
-    """On resume, drop log lines of epochs that will be trained again (no duplicates)."""
-    p = run_dir / METRICS_LOG
-    if p.is_file():
-        keep = [ln for ln in p.read_text().splitlines() if ln and json.loads(ln).get("epoch", 0) < before_epoch]
-        p.write_text("".join(ln + "\n" for ln in keep))
+    def _text(self) -> str:
+        return "".join(ln + "\n" for ln in self.lines)
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.lines.append(json.dumps(record))
+        fsio.write_text(self.path, self._text())
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = TrainConfig.model_validate(config["cfg"])
     classes: list[str] = config["classes"]
-    run_dir = Path(config["run_dir"])
+    run_dir: str = config["run_dir"]
     train_preset = ClassificationTrainPreset(**config["train_preset"])
     eval_preset = ClassificationEvalPreset.from_dict(config["eval_preset"])
     torch.set_num_threads(config["threads"])
@@ -119,8 +125,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"]) + 1
-    if rank == 0:
-        _trim_log(run_dir, start_epoch)
+    log = MetricsLog(run_dir, start_epoch) if rank == 0 else None
 
     model = ray.train.torch.prepare_model(model)
     nodes = _worker_nodes(rank, world)
@@ -161,5 +166,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                        config=config["cfg"])
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}
             checkpoint = Checkpoint.from_directory(str(ckpt.write_checkpoint(ckpt.new_checkpoint_dir(), model, info, state)))
-            _log_epoch(run_dir, {**metrics, "worker_nodes": nodes, "time": time.time()})
+            log.append({**metrics, "worker_nodes": nodes, "time": time.time()})
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")

@@ -1,0 +1,74 @@
+"""A real `ray start --head --block` on this host for tests: its own ports and temp dir, its own
+process group, stopped by signalling that group only (never `ray stop`, which kills every Ray
+process on the host)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without Ray addresses or auth settings; `python` resolves to this venv."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+class Head:
+    def __init__(self, temp: Path, env: dict[str, str], *extra_args: str, token: str | None = None,
+                 gcs_port: int | None = None):
+        self.temp, self.env, self.token = temp, env, token
+        ports = {name: free_port() for name in ("dashboard", "agent", "metrics", "runtime_env", "client")}
+        ports["gcs"] = gcs_port or free_port()
+        self.address = f"http://127.0.0.1:{ports['dashboard']}"
+        self._log = open(temp / "head.log", "w")
+        self.proc = subprocess.Popen(
+            [RAY, "start", "--head", "--block", f"--port={ports['gcs']}", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={ports['dashboard']}", f"--dashboard-agent-listen-port={ports['agent']}",
+             f"--metrics-export-port={ports['metrics']}", f"--runtime-env-agent-port={ports['runtime_env']}",
+             f"--ray-client-server-port={ports['client']}", "--num-cpus=2", f"--temp-dir={temp}",
+             "--disable-usage-stats", *extra_args],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(urllib.request.Request(f"{self.address}/api/version", headers=headers), timeout=2)
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"ray start --head failed: {self.log_tail()}")
+                time.sleep(1)
+
+    def log_tail(self, n: int = 2000) -> str:
+        return (self.temp / "head.log").read_text()[-n:]
+
+    def client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.address, headers={"Authorization": f"Bearer {self.token}"} if self.token else None)
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)  # the head and its children only
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self._log.close()
