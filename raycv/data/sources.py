@@ -190,7 +190,6 @@ def read_parquet_rows(files: list[str], columns: list[str], *, num_cpus: float) 
     a small machine."""
     import pyarrow.parquet as pq
 
-
     items = []
     for f in files:
         fs, p = resolve(f)
@@ -203,7 +202,6 @@ def read_parquet_rows(files: list[str], columns: list[str], *, num_cpus: float) 
 
 def _parquet_split(path: str, cfg: DataSection) -> ray.data.Dataset:
     import pyarrow.parquet as pq
-
 
     files = [f for f in list_files(path) if f.endswith(".parquet")]
     if not files:

@@ -72,6 +72,7 @@ class OutputLocation:
 
     def prepare(self, mode: str) -> Manifest | None:
         """Check the mode against what is there; return the manifest to build on (resume)."""
+        self.created = self._info(self.path).type == pafs.FileType.NotFound
         if self.exists():
             if mode == "error":
                 raise UserError(f"output {self.uri} already exists; pass infer.mode=overwrite to replace it "
@@ -82,7 +83,10 @@ class OutputLocation:
             self._remove_debris(current)
         else:
             current = None
-        self.fs.create_dir(self.tmp_path, recursive=True)
+        try:
+            self.fs.create_dir(self.tmp_path, recursive=True)
+        except OSError as e:
+            raise UserError(f"cannot write to output {self.uri}: {str(e).splitlines()[0]}") from None
         return current if mode == "resume" else None
 
     def _remove_debris(self, current: Manifest | None) -> None:
@@ -141,8 +145,13 @@ class OutputLocation:
         return manifest
 
     def abandon(self) -> None:
+        """A failed run leaves the output as it found it: its temp folder goes, and so does the
+        output folder when this run created it and nothing else is in it."""
         if self._info(self.tmp_path).type == pafs.FileType.Directory:
             self.fs.delete_dir(self.tmp_path)
+        if getattr(self, "created", False) and self._info(self.path).type == pafs.FileType.Directory \
+                and not self.fs.get_file_info(pafs.FileSelector(self.path)):
+            self.fs.delete_dir(self.path)
 
 
 def read_output(uri: str):

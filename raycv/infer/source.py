@@ -45,12 +45,7 @@ def open_input(cfg: InferConfig, done: set[str]) -> InputRows:
     if parquet:
         files = [f for f in list_files(spec) if f.endswith(".parquet")]
         cpus = cfg.data.decode_cpus
-        fs, first = resolve(files[0])
-        names = pq.read_schema(first, filesystem=fs).names
-        for col in (cfg.infer.path_column, cfg.infer.image_column):
-            if col not in names:
-                raise UserError(f"parquet input {spec} has no column {col!r} (columns: {', '.join(names)}); "
-                                f"set infer.path_column / infer.image_column")
+        _check_parquet_columns(spec, files, cfg.infer.path_column, cfg.infer.image_column)
         ds = read_parquet_rows(files, [cfg.infer.path_column, cfg.infer.image_column], num_cpus=cpus)
         ds = ds.map_batches(_rename, fn_kwargs={"path": cfg.infer.path_column, "image": cfg.infer.image_column},
                             batch_format="numpy", num_cpus=cpus)
@@ -66,6 +61,27 @@ def open_input(cfg: InferConfig, done: set[str]) -> InputRows:
     # With nothing left to do (resume), the pipeline is skipped; the dataset is never executed.
     ds = ray.data.from_items(rows or [{"path": ""}], override_num_blocks=num_blocks(len(rows)))
     return InputRows(ds, len(rows))
+
+
+def _check_parquet_columns(spec: str, files: list[str], path_col: str, image_col: str) -> None:
+    """Every file must have the two columns with usable types: fail before any work starts."""
+    import pyarrow as pa
+
+    for f in files:
+        fs, p = resolve(f)
+        try:
+            schema = pq.read_schema(p, filesystem=fs)
+        except Exception as e:
+            raise UserError(f"parquet input {f} is unreadable: {str(e).splitlines()[0]}") from None
+        for col, ok, want in ((path_col, lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)
+                               or pa.types.is_integer(t), "string or integer ids"),
+                              (image_col, lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
+                               "binary (encoded image bytes)")):
+            if col not in schema.names:
+                raise UserError(f"parquet input {f} has no column {col!r} (columns: {', '.join(schema.names)}); "
+                                f"set infer.path_column / infer.image_column")
+            if not ok(schema.field(col).type):
+                raise UserError(f"parquet input {f}: column {col!r} is {schema.field(col).type}, expected {want}")
 
 
 def _rename(batch: dict, *, path: str, image: str) -> dict:

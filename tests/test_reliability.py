@@ -1,0 +1,180 @@
+"""What inference does when things go wrong: a predictor actor or the driver killed mid-run, an
+output location that cannot be written, Parquet inputs with missing or wrong-typed columns, ids
+that try to climb out of the output folder. Each guarantee is checked on real files and real Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from raycv.cli import main
+from raycv.config import load_config
+from raycv.infer.output import read_output
+from raycv.infer.pipeline import run_inference
+
+N_IMAGES = 1500
+
+
+def _checkpoint(path: Path, model: str = "resnet18_cifar") -> Path:
+    """An untrained model in the raycv checkpoint format: these tests count rows, not accuracy."""
+    from raycv.data.presets import ClassificationEvalPreset
+    from raycv.models import get_model
+    from raycv.train import checkpoint as ckpt
+
+    info = ckpt.CheckpointInfo(task="classification", model_name=model, model_kwargs={},
+                               classes=["a", "b", "c"], preprocess=ClassificationEvalPreset(input_size=32, resize_size=32),
+                               epoch=1, metrics={}, config={})
+    return ckpt.write_checkpoint(path, get_model(model, num_classes=3), info)
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, a folder of N_IMAGES 32-px PNGs): long enough on 2 CPUs to kill something mid-run."""
+    root = tmp_path_factory.mktemp("many")
+    rng = np.random.default_rng(0)
+    for i in range(N_IMAGES):
+        d = root / "images" / f"d{i % 10}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return _checkpoint(root / "ckpt"), root / "images"
+
+
+def _all_inputs(images: Path) -> set[str]:
+    return {str(p) for p in images.rglob("*.png")}
+
+
+def _processes(marker: str, root_pid: int) -> list[psutil.Process]:
+    out = []
+    for p in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if marker in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def _session_raylet() -> int:
+    import ray
+
+    return ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+
+
+@pytest.mark.slow
+def test_killed_predictor_actor_every_input_exactly_once(ray_session, many_images, tmp_path):
+    ckpt, images = many_images
+    cfg = load_config("infer", None, [f"infer.checkpoint={ckpt}", f"infer.input={images}",
+                                      f"infer.output={tmp_path / 'out'}", "infer.batch_size=16"])
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(s=run_inference(cfg)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not (actors := _processes("ClassificationPredictor", _session_raylet())):
+        assert time.monotonic() < deadline and thread.is_alive(), "no predictor actor appeared"
+        time.sleep(0.1)
+    time.sleep(3)  # let it load the model and predict some batches
+    assert thread.is_alive(), "inference ended before the kill: make the input larger"
+    victim = actors[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert "s" in result, "inference did not finish after the actor was killed"
+    assert not victim.is_running()
+    table = read_output(str(tmp_path / "out"))
+    paths = table.column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == N_IMAGES and set(paths) == _all_inputs(images)
+    assert table.column("error").null_count == N_IMAGES
+
+
+@pytest.mark.slow
+def test_killed_driver_then_resume_completes_without_duplicates(many_images, tmp_path):
+    """SIGKILL the `raycv infer` process mid-run (its local Ray goes with it), then re-run with
+    infer.mode=resume: a complete output, each input once, the killed run's debris gone."""
+    ckpt, images = many_images
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "raycv.cli", "infer", "--checkpoint", str(ckpt), "--input", str(images),
+            "--output", str(out), "infer.batch_size=16"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not list(out.glob("_tmp-*/*.parquet")) and not _processes("ClassificationPredictor", proc.pid):
+        assert time.monotonic() < deadline and proc.poll() is None, "the first run never got going"
+        time.sleep(0.2)
+    time.sleep(2)
+    assert proc.poll() is None, "the first run ended before the kill"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "_raycv_manifest.json").exists()  # nothing was passed off as complete
+    with pytest.raises(Exception, match="not a complete raycv output"):
+        read_output(str(out))
+
+    r = subprocess.run([*args, "infer.mode=resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = read_output(str(out))
+    paths = table.column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == N_IMAGES and set(paths) == _all_inputs(images)
+    assert not list(out.glob("_tmp-*"))
+    manifest = json.loads((out / "_raycv_manifest.json").read_text())
+    assert sorted(manifest["files"]) == sorted(p.name for p in out.glob("*.parquet"))
+
+
+def test_unwritable_output_is_one_line_and_nothing_is_written(ray_session, many_images, tmp_path, capsys):
+    ckpt, images = many_images
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    rc = main(["infer", "--checkpoint", str(ckpt), "--input", str(images / "d0"), "--output", str(blocker / "preds")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "cannot write to output" in err[0] and str(blocker / "preds") in err[0]
+    assert blocker.read_text() == "not a folder"
+
+
+def _parquet(file: Path, **columns) -> Path:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), file)
+    return file
+
+
+def test_parquet_inputs_with_missing_or_wrong_typed_columns(ray_session, many_images, tmp_path, capsys):
+    ckpt, images = many_images
+    png = (images / "d0" / "0.png").read_bytes()
+    cases = {
+        "missing": (_parquet(tmp_path / "m" / "x.parquet", path=["a"], data=[png]), "has no column 'image'"),
+        "image as text": (_parquet(tmp_path / "t" / "x.parquet", path=["a"], image=["not bytes"]),
+                          "column 'image' is string, expected binary"),
+        "path as float": (_parquet(tmp_path / "f" / "x.parquet", path=[1.5], image=[png]),
+                          "column 'path' is double, expected string or integer ids"),
+    }
+    for name, (file, message) in cases.items():
+        rc = main(["infer", "--checkpoint", str(ckpt), "--input", str(file.parent), "--output", str(tmp_path / name)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and message in err[0], (name, err)
+        assert not (tmp_path / name).exists()
+
+
+def test_ids_cannot_write_outside_the_output(ray_session, many_images, tmp_path):
+    """Ids are data, never file names: `../` and absolute ids stay in the `path` column."""
+    ckpt, images = many_images
+    png = (images / "d0" / "0.png").read_bytes()
+    evil = ["../../escape", "/etc/passwd", "..", "a/../../b", "x\x00y"]
+    src = _parquet(tmp_path / "in" / "x.parquet", path=evil, image=[png] * len(evil))
+    work = tmp_path / "work"
+    out = work / "deep" / "out"
+    before = {p for p in tmp_path.rglob("*")}
+    s = run_inference(load_config("infer", None, [f"infer.checkpoint={ckpt}", f"infer.input={src.parent}",
+                                                  f"infer.output={out}"]))
+    assert s.rows == len(evil) and s.errors == 0
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert created and all(p == work or p == out.parent or out in (p, *p.parents) for p in created), created
+    assert sorted(read_output(str(out)).column("path").to_pylist()) == sorted(evil)
