@@ -1,4 +1,4 @@
-"""`raycv train | infer | evaluate | submit | jobs | models | datasets`: parse, call, exit.
+"""`raycv train | infer | evaluate | submit | jobs | report | models | datasets`: parse, call, exit.
 
 Every job verb takes `--config FILE` and dotted `key=value` overrides. A user error prints one
 line on stderr and exits with status 2, never a traceback.
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "status", "logs", "stop"])
     p.add_argument("job_id", nargs="?", help="submission id (status, logs, stop)")
     p.add_argument("--follow", "-f", action="store_true", help="logs: stream until the job ends")
+    p = sub.add_parser("report", help="a training run's epochs table and best checkpoint; redraws curves.png")
+    p.add_argument("run_dir", help="a run directory (<run.storage_path>/<run.name>), local or a URI")
     sub.add_parser("models", help="list the model registry")
     sub.add_parser("datasets", help="list the dataset sources")
     return parser
@@ -72,6 +74,11 @@ def cmd_train(args) -> int:
           f"{s.epochs} epochs, {s.wall_seconds:.0f} s")
     if s.resumed_from_epoch:
         print(f"resumed from the epoch-{s.resumed_from_epoch} checkpoint of this run")
+    if s.early_stopped:
+        print(f"stopped early after epoch {s.epochs}: no better {cfg.train.checkpoint_metric} for "
+              f"{cfg.train.early_stop_patience} epoch(s)")
+    if s.curves:
+        print(f"curves:          {s.curves}")
     print(f"run directory:   {s.run_dir}")
     print(f"best checkpoint: {s.best_checkpoint}")
     return 0
@@ -172,6 +179,13 @@ def cmd_jobs(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from raycv.train.report import write_report
+
+    print(write_report(args.run_dir.rstrip("/")).table())
+    return 0
+
+
 def cmd_models(args) -> int:
     from raycv.models import list_models
 
@@ -189,7 +203,7 @@ def cmd_datasets(args) -> int:
 
 
 COMMANDS: dict[str, Callable] = {"train": cmd_train, "infer": cmd_infer, "evaluate": cmd_evaluate,
-                                 "submit": cmd_submit, "jobs": cmd_jobs, "models": cmd_models,
+                                 "submit": cmd_submit, "jobs": cmd_jobs, "report": cmd_report, "models": cmd_models,
                                  "datasets": cmd_datasets}
 
 

@@ -35,7 +35,8 @@ class DataSection(_Section):
     num_samples: int = Field(2000, ge=10)  # generated sets (shapes) only
     seed: int = 0  # split / generation seed: the same seed gives the same split
     batch_size: int = Field(32, ge=1)  # per training worker, images
-    augment: Literal["none", "light", "standard", "trivial"] = "light"  # train preset strength
+    augment: Literal["none", "light", "standard", "trivial", "randaugment"] = "light"  # train preset strength
+    random_erasing: float = Field(0.0, ge=0.0, le=1.0)  # probability per training image
     hflip: bool = False  # horizontal flips (wrong for digits; right for photos)
     mean: list[float] | None = None  # per channel; default: the dataset's own
     std: list[float] | None = None
@@ -49,6 +50,7 @@ class ModelSection(_Section):
     name: str = "simple_cnn"  # model registry name (`raycv models`)
     weights: str | None = None  # torchvision weights, e.g. DEFAULT or IMAGENET1K_V1 (needs them cached or internet)
     kwargs: dict[str, Any] = Field(default_factory=dict)  # extra constructor arguments
+    init_from: str | None = None  # fine-tune: start from a raycv checkpoint / run dir (a new head if classes differ)
 
 
 class OptimSection(_Section):
@@ -57,6 +59,7 @@ class OptimSection(_Section):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd only
     nesterov: bool = False  # sgd only
     weight_decay: float = Field(0.0, ge=0.0)
+    decay_norm_and_bias: bool = False  # false: normalization weights and biases get no weight decay
 
 
 class TrainSection(_Section):
@@ -71,6 +74,17 @@ class TrainSection(_Section):
     keep_checkpoints: int = Field(2, ge=1)  # best N by checkpoint_metric (the latest is always kept)
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint (-1: forever)
     seed: int = 0
+    deterministic: bool = False  # seeded, deterministic kernels (slower; data order still varies with workers)
+    amp: Literal["none", "bf16", "fp16"] = "none"  # autocast: bf16 on CPU or GPU; fp16 (with a grad scaler) on GPU
+    channels_last: bool = False  # NHWC memory format for convolutions
+    compile: bool = False  # torch.compile the model
+    grad_clip_norm: float | None = Field(None, gt=0.0)  # clip the global gradient norm
+    grad_accum_steps: int = Field(1, ge=1)  # micro-batches per optimizer step
+    mixup_alpha: float = Field(0.0, ge=0.0)  # > 0 enables MixUp
+    cutmix_alpha: float = Field(0.0, ge=0.0)  # > 0 enables CutMix (with MixUp: one of them per batch)
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)  # EMA of the weights, evaluated and checkpointed
+    sync_batchnorm: bool = False  # SyncBatchNorm across ranks (GPU)
+    early_stop_patience: int | None = Field(None, ge=1)  # stop after this many epochs without a better checkpoint_metric
 
 
 class ScalingSection(_Section):

@@ -87,10 +87,12 @@ def test_accelerator_actors_scale_the_cluster_up_from_zero_and_back(fake_cluster
     assert len(nodes) == 1  # the head only: the accelerator type starts from zero
     client = fake_cluster.client()
     out = tmp_path / "preds"
+    # No working_dir upload here: every fake node shares this host's session folder, so a second
+    # node unpacking the same package replaces the folder that running workers use as their cwd.
+    # raycv is installed in this venv; the entrypoint is given by absolute path.
     job = client.submit_job(
-        entrypoint=f"python jobs/infer.py --checkpoint {_checkpoint(tmp_path)} --input registry:digits:val "
-                   f"--output {out} 'infer.actor_resources={{accel: 1}}' infer.cpus_per_actor=1",
-        runtime_env={"working_dir": str(REPO)})
+        entrypoint=f"python {REPO / 'jobs' / 'infer.py'} --checkpoint {_checkpoint(tmp_path)} --input registry:digits:val "
+                   f"--output {out} 'infer.actor_resources={{accel: 1}}' infer.cpus_per_actor=1")
     peak, deadline = 1, time.monotonic() + 300
     while (status := str(client.get_job_status(job).value)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
         assert time.monotonic() < deadline, f"job still {status}"

@@ -62,15 +62,12 @@ def trained(head, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_ray_job_submit_train_then_infer(head, trained, tmp_path):
+def test_ray_job_submit_runs_the_training_entrypoint(trained):
+    """`ray job submit ... -- python jobs/train.py ...` (the `trained` fixture) wrote a whole run;
+    jobs/infer.py runs through `raycv submit` below, which submits that same entrypoint."""
     summary = json.loads((trained / "summary.json").read_text())
     assert summary["epochs"] == 1 and Path(summary["best_checkpoint"], "model.pt").is_file()
-
-    status, out = _ray_job_submit(head, "raycv-infer", "jobs/infer.py", "--checkpoint", str(trained),
-                                  "--input", "registry:digits:val", "--output", str(tmp_path / "preds"))
-    assert status == "SUCCEEDED", out[-3000:]
-    manifest = json.loads((tmp_path / "preds" / "_raycv_manifest.json").read_text())
-    assert manifest["rows"] == 359 and manifest["errors"] == 0
+    assert (trained / "curves.png").is_file()
 
 
 @pytest.mark.slow

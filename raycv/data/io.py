@@ -79,8 +79,12 @@ def read_text(path: str) -> str | None:
 
 
 def write_text(path: str, text: str) -> None:
-    """Replace a small text file whole: locally through a temp file and a rename, on object
-    storage with one PUT (both atomic: a reader sees the old or the new content, never half)."""
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Replace a small file whole: locally through a temp file and a rename, on object storage
+    with one PUT (both atomic: a reader sees the old or the new content, never half)."""
     fs, p = resolve(path)
     if isinstance(fs, pafs.LocalFileSystem):
         import os
@@ -89,11 +93,11 @@ def write_text(path: str, text: str) -> None:
         target = Path(p)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         os.replace(tmp, target)
         return
     with fs.open_output_stream(p) as f:
-        f.write(text.encode())
+        f.write(data)
 
 
 def list_names(path: str) -> list[str]:

@@ -66,8 +66,9 @@ def _eval_geometry(resize_size: int, crop_size: int) -> v2.Compose:
 class ClassificationTrainPreset:
     input_size: int
     resize_size: int  # images are stored (decoded once) as resize_size squares
-    augment: str = "light"  # none | light | standard | trivial
+    augment: str = "light"  # none | light | standard | trivial | randaugment
     hflip: bool = False
+    random_erasing: float = 0.0
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     _augment: v2.Compose | None = field(default=None, init=False, repr=False, compare=False)
@@ -89,14 +90,18 @@ class ClassificationTrainPreset:
             if store > size:
                 steps.append(v2.RandomCrop(size))
             steps.append(v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)))
-        elif self.augment in ("standard", "trivial"):
+        elif self.augment in ("standard", "trivial", "randaugment"):
             steps.append(v2.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True))
             if self.augment == "trivial":
                 steps.append(v2.TrivialAugmentWide())
+            elif self.augment == "randaugment":
+                steps.append(v2.RandAugment())
         else:
-            raise ValueError(f"unknown augment {self.augment!r} (valid: none, light, standard, trivial)")
+            raise ValueError(f"unknown augment {self.augment!r} (valid: none, light, standard, trivial, randaugment)")
         if self.hflip:
             steps.append(v2.RandomHorizontalFlip())
+        if self.random_erasing > 0:  # on uint8: erased patches are black (the reference erases to the mean)
+            steps.append(v2.RandomErasing(p=self.random_erasing, value=0))
         return v2.Compose(steps)
 
     def augment_batch(self, batch: torch.Tensor) -> torch.Tensor:

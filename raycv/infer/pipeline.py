@@ -4,7 +4,6 @@ the output only when every input is accounted for."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,7 +14,6 @@ import torch
 
 from raycv import runtime
 from raycv.config import InferConfig
-from raycv.data import io as fsio
 from raycv.data.decode import decode_batch
 from raycv.data.presets import ClassificationEvalPreset
 from raycv.errors import UserError
@@ -52,24 +50,9 @@ class ModelSpec:
     embedding_dim: int  # input features of the classifier head: the `embedding` column's size
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint folder, or a run folder (its summary's best checkpoint); local or a URI."""
-    p = fsio.normalize(path)
-    if fsio.read_text(fsio.join(p, ckpt.META_FILE)) is not None:
-        return p
-    summary = fsio.read_text(fsio.join(p, "summary.json"))
-    if summary is not None:
-        best = json.loads(summary).get("best_checkpoint")
-        if best:
-            return best
-    if not fsio.list_names(p) and not fsio.is_dir(p):
-        raise UserError(f"checkpoint not found: {path}")
-    raise UserError(f"not a raycv checkpoint or run directory: {path} (no {ckpt.META_FILE} or summary.json)")
-
-
 def load_spec(cfg: InferConfig) -> ModelSpec:
     if cfg.infer.checkpoint:
-        directory = resolve_checkpoint(cfg.infer.checkpoint)
+        directory = ckpt.resolve_checkpoint(cfg.infer.checkpoint)
         model, info = ckpt.load_model(directory)  # fail here, not in the actors: files present, weights fit
         return ModelSpec(info.model_name, info.model_kwargs, info.classes, info.preprocess, None, str(directory),
                          _head_features(model))

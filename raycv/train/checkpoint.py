@@ -126,6 +126,46 @@ def load_train_state(directory: str | os.PathLike) -> dict[str, Any] | None:
     return _tensors_only(p) if p.is_file() else None
 
 
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint folder, or a run folder (its summary's best checkpoint); local or a URI."""
+    from raycv.data import io as fsio
+
+    p = fsio.normalize(path)
+    if fsio.read_text(fsio.join(p, META_FILE)) is not None:
+        return p
+    summary = fsio.read_text(fsio.join(p, "summary.json"))
+    if summary is not None:
+        best = json.loads(summary).get("best_checkpoint")
+        if best:
+            return best
+    if not fsio.is_dir(p):
+        raise UserError(f"checkpoint not found: {path}")
+    raise UserError(f"not a raycv checkpoint or run directory: {path} (no {META_FILE} or summary.json)")
+
+
+def init_from_checkpoint(model: nn.Module, path: str) -> CheckpointInfo:
+    """Fine-tuning: load a raycv checkpoint's weights into `model`. When the class count differs,
+    the classifier head keeps its fresh initialization; any other mismatch is refused."""
+    from raycv.models import last_linear_name
+
+    directory = resolve_checkpoint(path)
+    info = read_info(directory)
+    state = load_state_dict(local_dir(directory))
+    own = model.state_dict()
+    head = last_linear_name(model) + "."
+    for key in [k for k, v in state.items() if k in own and own[k].shape != v.shape]:
+        if not key.startswith(head):
+            raise UserError(f"model.init_from={path}: {key} has shape {tuple(state[key].shape)}, "
+                            f"the model wants {tuple(own[key].shape)}; is it the same architecture?")
+        del state[key]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    bad = [k for k in missing if not k.startswith(head)] + list(unexpected)
+    if bad:
+        raise UserError(f"model.init_from={path} ({info.model_name}) does not fit this model: "
+                        f"{len(bad)} mismatched keys, e.g. {bad[0]}")
+    return info
+
+
 def load_model(directory: str | os.PathLike) -> tuple[nn.Module, CheckpointInfo]:
     """Rebuild the model from `raycv.json` and load `model.pt` into it (weights only)."""
     from raycv.models import get_model

@@ -56,6 +56,8 @@ class TrainSummary:
     images_per_second: float | None
     wall_seconds: float
     resumed_from_epoch: int
+    early_stopped: bool = False
+    curves: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -67,7 +69,7 @@ def make_presets(cfg: TrainConfig, mean, std) -> tuple[ClassificationTrainPreset
     if resize < size:
         raise UserError(f"data.resize_size={resize} is smaller than data.input_size={size}")
     train = ClassificationTrainPreset(input_size=size, resize_size=resize, augment=cfg.data.augment,
-                                      hflip=cfg.data.hflip, mean=tuple(mean), std=tuple(std))
+                                      hflip=cfg.data.hflip, random_erasing=cfg.data.random_erasing, mean=tuple(mean), std=tuple(std))
     val = ClassificationEvalPreset(input_size=size, resize_size=resize, mean=tuple(mean), std=tuple(std))
     return train, val
 
@@ -118,6 +120,8 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
     """Train `cfg` with Ray Train; resume when `run.name` names an existing run."""
     t_start = time.perf_counter()
     get_model_entry(cfg.model.name)  # unknown model: fail before Ray starts
+    if cfg.train.amp == "fp16" and not cfg.scaling.use_gpu:
+        raise UserError("train.amp=fp16 needs GPUs (scaling.use_gpu=true); on CPU use train.amp=bf16")
     runtime.connect(cfg.run.address, verbose=cfg.run.verbose)
     storage = resolve_storage_path(cfg.run.storage_path)
     name = cfg.run.name or default_run_name(cfg)
@@ -137,7 +141,11 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
 
     splits = build_dataset(cfg.data)
     train_preset, eval_preset = make_presets(cfg, splits.mean, splits.std)
-    get_model(cfg.model.name, num_classes=len(splits.classes), weights=cfg.model.weights, **cfg.model.kwargs)  # fail here, not in workers
+    model = get_model(cfg.model.name, num_classes=len(splits.classes), weights=cfg.model.weights, **cfg.model.kwargs)
+    if cfg.model.init_from:  # fail here, not in the workers
+        from raycv.train.checkpoint import init_from_checkpoint
+
+        init_from_checkpoint(model, cfg.model.init_from)
     echo(f"raycv: {cfg.model.name} on {cfg.data.name} ({splits.num_train} train / {splits.num_val} val images, "
          f"{len(splits.classes)} classes), {cfg.scaling.num_workers} worker(s) x {resources}; run {run_dir}")
     train_ds = decoded(splits.train, train_preset, num_cpus=cfg.data.decode_cpus, cache=cfg.data.cache)
@@ -148,7 +156,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
         train_loop_per_worker,
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"), "classes": splits.classes, "run_dir": run_dir,
-            "train_preset": {k: getattr(train_preset, k) for k in ("input_size", "resize_size", "augment", "hflip", "mean", "std")},
+            "train_preset": {k: getattr(train_preset, k) for k in ("input_size", "resize_size", "augment", "hflip", "random_erasing", "mean", "std")},
             "eval_preset": eval_preset.to_dict(), "num_train": splits.num_train, "threads": threads,
         },
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
@@ -183,6 +191,13 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
         images_per_second=_mean_throughput(run_dir), wall_seconds=time.perf_counter() - t_start,
         resumed_from_epoch=resumed_from,
     )
+    summary.early_stopped = summary.epochs < cfg.train.epochs
+    try:
+        from raycv.train.report import write_report
+
+        summary.curves = write_report(run_dir).plot
+    except Exception as e:  # a plot is not worth failing a finished run
+        echo(f"raycv: could not draw the training curves: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     fsio.write_text(fsio.join(run_dir, "summary.json"), json.dumps(summary.to_json(), indent=1))
     return summary
 

@@ -10,7 +10,28 @@ from torch import nn
 from raycv.config import OptimSection, TrainSection
 
 
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+
+
+def param_groups(model: nn.Module, cfg: OptimSection) -> list[dict]:
+    """Weight decay for weights of convolutions and linear layers only, unless
+    `decay_norm_and_bias` (torchvision's reference recipe: --norm-weight-decay 0 and no decay on
+    biases in its newer recipes; timm does the same)."""
+    if cfg.decay_norm_and_bias or cfg.weight_decay == 0:
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            (no_decay if isinstance(module, _NORM_TYPES) or name == "bias" or p.ndim <= 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def build_optimizer(params, cfg: OptimSection) -> torch.optim.Optimizer:
+    """`params`: a module (weight-decay groups are made here) or an iterable of parameters / groups."""
+    if isinstance(params, nn.Module):
+        params = param_groups(params, cfg)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                                weight_decay=cfg.weight_decay)
@@ -39,7 +60,22 @@ def build_scheduler(optimizer, *, steps_per_epoch: int, cfg: TrainSection) -> to
 
 
 def build_loss(cfg: TrainSection) -> nn.Module:
+    """Cross-entropy; it takes class indices or, after MixUp/CutMix, class probabilities."""
     return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+
+def build_batch_mix(cfg: TrainSection, num_classes: int):
+    """torchvision's MixUp / CutMix (one of them per batch when both are on), or None."""
+    from torchvision.transforms import v2
+
+    mixes = []
+    if cfg.mixup_alpha > 0:
+        mixes.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))
+    if cfg.cutmix_alpha > 0:
+        mixes.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=num_classes))
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
 def correct_topk(output: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...] = (1, 5)) -> list[int]:

@@ -25,7 +25,7 @@ from raycv.data import io as fsio
 from raycv.data.presets import ClassificationEvalPreset, ClassificationTrainPreset
 from raycv.models import get_model
 from raycv.train import checkpoint as ckpt
-from raycv.train.optim import build_loss, build_optimizer, build_scheduler, correct_topk
+from raycv.train.optim import build_batch_mix, build_loss, build_optimizer, build_scheduler, correct_topk
 
 METRICS_LOG = "metrics.jsonl"
 
@@ -52,13 +52,16 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, shard, preset: ClassificationEvalPreset, loss_fn, batch_size: int,
-             device: torch.device) -> dict[str, float]:
+             device: torch.device, precision: "Precision | None" = None) -> dict[str, float]:
     """Loss, top-1 and top-5 over this rank's shard, summed over all ranks: each sample once."""
+    import contextlib
+
     model.eval()
     loss_sum = c1 = c5 = n = 0.0
     for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=AugmentCollate(None)):
         x, y = preset.normalize(batch["image"].to(device)), batch["label"].to(device)
-        out = model(x)
+        with precision.autocast() if precision else contextlib.nullcontext():
+            out = model(precision.input(x) if precision else x).float()
         loss_sum += float(loss_fn(out, y)) * y.shape[0]
         k1, k5 = correct_topk(out, y, (1, 5))
         c1, c5, n = c1 + k1, c5 + k5, n + y.shape[0]
@@ -96,8 +99,32 @@ class MetricsLog:
         fsio.write_text(self.path, self._text())
 
 
+class Precision:
+    """Autocast and the fp16 grad scaler, per `train.amp`; `channels_last` input layout."""
+
+    def __init__(self, amp: str, channels_last: bool, device: torch.device):
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.device_type = device.type
+        self.channels_last = channels_last
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def _no_sync(model: torch.nn.Module, skip: bool):
+    """DDP all-reduces gradients on every backward; between accumulation steps it need not."""
+    import contextlib
+
+    return model.no_sync() if skip and hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = TrainConfig.model_validate(config["cfg"])
+    tc = cfg.train
     classes: list[str] = config["classes"]
     run_dir: str = config["run_dir"]
     train_preset = ClassificationTrainPreset(**config["train_preset"])
@@ -106,65 +133,121 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.train.seed * 1000 + rank)
+    torch.manual_seed(tc.seed * 1000 + rank)
+    np.random.seed(tc.seed * 1000 + rank)
+    if tc.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
     device = ray.train.torch.get_device()
+    precision = Precision(tc.amp, tc.channels_last, device)
 
     model = get_model(cfg.model.name, num_classes=len(classes), weights=cfg.model.weights, **cfg.model.kwargs)
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    if cfg.model.init_from:
+        ckpt.init_from_checkpoint(model, cfg.model.init_from)
+    if tc.sync_batchnorm and world > 1 and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim)
     rows_per_rank = config["num_train"] // world  # streaming_split(equal=True) gives each rank this many
-    steps_per_epoch = max(1, math.ceil(rows_per_rank / cfg.data.batch_size))
-    scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, cfg=cfg.train)
-    loss_fn = build_loss(cfg.train)
+    batches_per_epoch = max(1, math.ceil(rows_per_rank / cfg.data.batch_size))
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / tc.grad_accum_steps))
+    scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, cfg=tc)
+    loss_fn = build_loss(tc)
+    mix = build_batch_mix(tc, len(classes))
+    ema = None
+    if tc.ema_decay:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    start_epoch = 1
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True).to(device)
+
+    start_epoch, best, stale = 1, None, 0
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
-            model.load_state_dict(ckpt.load_state_dict(d))
             state = ckpt.load_train_state(d)
+            # With EMA, model.pt holds the averaged weights; the raw ones are in the train state.
+            model.load_state_dict(state["model"] if "model" in state else ckpt.load_state_dict(d))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
+        if "scaler" in state:
+            precision.scaler.load_state_dict(state["scaler"])
         start_epoch = int(state["epoch"]) + 1
+        best, stale = state.get("best"), int(state.get("stale", 0))
     log = MetricsLog(run_dir, start_epoch) if rank == 0 else None
 
     model = ray.train.torch.prepare_model(model)
+    raw = ckpt.unwrap(model)
+    step_model = torch.compile(model) if tc.compile else model
     nodes = _worker_nodes(rank, world)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     collate = AugmentCollate(train_preset)
+    higher_is_better = tc.checkpoint_metric != "val_loss"
 
-    for epoch in range(start_epoch, cfg.train.epochs + 1):
+    for epoch in range(start_epoch, tc.epochs + 1):
         model.train()
         t0 = time.perf_counter()
-        loss_sum, seen = 0.0, 0
+        loss_sum, seen, micro = 0.0, 0, 0
+        optimizer.zero_grad(set_to_none=True)
         for batch in train_shard.iter_torch_batches(batch_size=cfg.data.batch_size, collate_fn=collate,
                                                     prefetch_batches=2, local_shuffle_buffer_size=4 * cfg.data.batch_size,
                                                     local_shuffle_seed=None):
             x = train_preset.normalize(batch["image"].to(device))  # (B, C, H, W) float32
             y = batch["label"].to(device)
-            loss = loss_fn(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item() * y.shape[0]
-            seen += y.shape[0]
+            if mix is not None:
+                x, y = mix(x, y)  # y: (B, num_classes) probabilities
+            micro += 1
+            last = micro % tc.grad_accum_steps == 0 or micro == batches_per_epoch
+            with _no_sync(model, not last), precision.autocast():
+                loss = loss_fn(step_model(precision.input(x)), y)
+            precision.scaler.scale(loss / tc.grad_accum_steps).backward()
+            if last:
+                if tc.grad_clip_norm:
+                    precision.scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip_norm)
+                precision.scaler.step(optimizer)
+                precision.scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(raw)
+            loss_sum += loss.item() * x.shape[0]
+            seen += x.shape[0]
         train_time = time.perf_counter() - t0
         loss_sum, seen, train_time = _all_reduce_sum([loss_sum, seen, train_time], device)
         train_time /= world
-        metrics = {"epoch": epoch, "epochs": cfg.train.epochs, "train_loss": loss_sum / max(seen, 1),
+        metrics = {"epoch": epoch, "epochs": tc.epochs, "train_loss": loss_sum / max(seen, 1),
                    "train_images": int(seen), "images_per_second": seen / max(train_time, 1e-9),
                    "train_seconds": train_time, "lr": optimizer.param_groups[0]["lr"]}
         t1 = time.perf_counter()
-        metrics.update(evaluate(ckpt.unwrap(model), val_shard, eval_preset, loss_fn, cfg.data.batch_size, device))
+        evaluated = ema.module if ema is not None else raw  # with EMA, the averaged weights are the model
+        metrics.update(evaluate(evaluated, val_shard, eval_preset, loss_fn, cfg.data.batch_size, device, precision))
         metrics["val_seconds"] = time.perf_counter() - t1
 
+        value = metrics[tc.checkpoint_metric]
+        if best is None or (value > best if higher_is_better else value < best):
+            best, stale = value, 0
+        else:
+            stale += 1
+        stop = tc.early_stop_patience is not None and stale >= tc.early_stop_patience and epoch < tc.epochs
         checkpoint = None
         if rank == 0:
             info = ckpt.CheckpointInfo(task="classification", model_name=cfg.model.name, model_kwargs=cfg.model.kwargs,
                                        classes=classes, preprocess=eval_preset, epoch=epoch, metrics=metrics,
                                        config=config["cfg"])
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}
-            checkpoint = Checkpoint.from_directory(str(ckpt.write_checkpoint(ckpt.new_checkpoint_dir(), model, info, state)))
-            log.append({**metrics, "worker_nodes": nodes, "time": time.time()})
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+                     "best": best, "stale": stale}
+            if precision.scaler.is_enabled():
+                state["scaler"] = precision.scaler.state_dict()
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+                state["model"] = raw.state_dict()
+            checkpoint = Checkpoint.from_directory(str(ckpt.write_checkpoint(ckpt.new_checkpoint_dir(), evaluated, info, state)))
+            log.append({**metrics, "worker_nodes": nodes, "time": time.time(),
+                        **({"early_stopped": True} if stop else {})})
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
+        if stop:  # every rank sees the same all-reduced metrics, so all stop together
+            break

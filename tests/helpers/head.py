@@ -68,7 +68,7 @@ class Head:
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)  # the head and its children only
         try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self._log.close()
