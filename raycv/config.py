@@ -84,6 +84,8 @@ class TrainSection(_Section):
     cutmix_alpha: float = Field(0.0, ge=0.0)  # > 0 enables CutMix (with MixUp: one of them per batch)
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)  # EMA of the weights, evaluated and checkpointed
     sync_batchnorm: bool = False  # SyncBatchNorm across ranks (GPU)
+    log_every_steps: int = Field(50, ge=0)  # rank 0's loss and lr every N optimizer steps (steps.jsonl, TensorBoard); 0: off
+    tensorboard: bool = True  # TensorBoard event files in <run>/tensorboard
     early_stop_patience: int | None = Field(None, ge=1)  # stop after this many epochs without a better checkpoint_metric
 
 

@@ -24,7 +24,7 @@ from raycv.train.optim import build_optimizer
 RECIPE = ["train.amp=bf16", "train.channels_last=true", "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0",
           "data.augment=randaugment", "data.random_erasing=0.25", "train.grad_accum_steps=2",
           "train.grad_clip_norm=1.0", "optim.name=sgd", "optim.lr=0.1", "optim.weight_decay=5e-4",
-          "train.ema_decay=0.9", "scaling.num_workers=2", "train.warmup_epochs=0"]
+          "train.ema_decay=0.9", "scaling.num_workers=2", "train.warmup_epochs=0", "train.log_every_steps=5"]
 
 
 @pytest.mark.slow
@@ -49,6 +49,17 @@ def test_full_recipe_trains_checkpoints_ema_and_resumes(ray_session, tmp_path, c
     out = capsys.readouterr().out
     assert rc == 0 and "resumed from the epoch-2 checkpoint" in out
     assert [json.loads(ln)["epoch"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    steps = [json.loads(ln) for ln in (run / "steps.jsonl").read_text().splitlines()]
+    assert steps and [s["step"] for s in steps] == list(range(5, 5 * len(steps) + 1, 5))  # each once, in order
+    assert {s["epoch"] for s in steps} == {1, 2, 3}
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run / "tensorboard"))
+    tb.Reload()
+    assert [e.value for e in tb.Scalars("val/accuracy")] == pytest.approx(
+        [json.loads(ln)["val_accuracy"] for ln in (run / "metrics.jsonl").read_text().splitlines()])
+    assert len(tb.Scalars("train/loss_step")) == len(steps)
 
     # `raycv report`: the table, the best checkpoint, and a PNG that is a real picture of curves.
     (run / "curves.png").unlink()

@@ -65,6 +65,8 @@ def test_train_resume_and_infer_on_object_storage(s3, image_tree, tmp_path):
     log = [json.loads(ln) for ln in _read(fs, "raycv/runs/s3run/metrics.jsonl").splitlines()]
     assert [m["epoch"] for m in log] == [1, 2]
     assert json.loads(_read(fs, "raycv/runs/s3run/summary.json"))["epochs"] == 2
+    events = fs.get_file_info(pafs.FileSelector("raycv/runs/s3run/tensorboard"))  # uploaded after each epoch
+    assert any("tfevents" in e.base_name and e.size > 0 for e in events)
 
     r = _cli(env, tmp_path, "infer", "--checkpoint", "s3://raycv/runs/s3run", "--input", "s3://raycv/data/tree/val",
              "--output", "s3://raycv/preds")

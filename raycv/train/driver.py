@@ -22,7 +22,8 @@ from raycv.data.decode import decode_batch
 from raycv.data.presets import ClassificationEvalPreset, ClassificationTrainPreset
 from raycv.errors import UserError
 from raycv.models import get_model, get_model_entry
-from raycv.train.worker import METRICS_LOG, train_loop_per_worker
+from raycv.train.tracking import METRICS_LOG
+from raycv.train.worker import train_loop_per_worker
 
 
 class _ExactValSplit(DataConfig):

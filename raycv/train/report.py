@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from raycv.data import io as fsio
 from raycv.errors import UserError
-from raycv.train.worker import METRICS_LOG
+from raycv.train.tracking import METRICS_LOG
 
 CURVES = "curves.png"
 

@@ -21,13 +21,11 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import Checkpoint
 
 from raycv.config import TrainConfig
-from raycv.data import io as fsio
 from raycv.data.presets import ClassificationEvalPreset, ClassificationTrainPreset
 from raycv.models import get_model
 from raycv.train import checkpoint as ckpt
 from raycv.train.optim import build_batch_mix, build_loss, build_optimizer, build_scheduler, correct_topk
-
-METRICS_LOG = "metrics.jsonl"
+from raycv.train.tracking import RunLogger
 
 
 class AugmentCollate(NumpyBatchCollateFn):
@@ -78,25 +76,6 @@ def _worker_nodes(rank: int, world: int) -> list[str]:
     nodes: list[Any] = [None] * world
     dist.all_gather_object(nodes, mine)
     return [str(n) for n in nodes]
-
-
-class MetricsLog:
-    """Rank 0's metrics log, one JSON line per epoch. The whole (small) file is rewritten each
-    epoch, atomically, so it works the same on object storage, which cannot append."""
-
-    def __init__(self, run_dir: str, resume_epoch: int):
-        self.path = fsio.join(run_dir, METRICS_LOG)
-        old = fsio.read_text(self.path) or ""
-        # On resume, drop the lines of epochs that will be trained again (no duplicates).
-        self.lines = [ln for ln in old.splitlines() if ln and json.loads(ln).get("epoch", 0) < resume_epoch]
-        fsio.write_text(self.path, self._text())
-
-    def _text(self) -> str:
-        return "".join(ln + "\n" for ln in self.lines)
-
-    def append(self, record: dict[str, Any]) -> None:
-        self.lines.append(json.dumps(record))
-        fsio.write_text(self.path, self._text())
 
 
 class Precision:
@@ -176,7 +155,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             precision.scaler.load_state_dict(state["scaler"])
         start_epoch = int(state["epoch"]) + 1
         best, stale = state.get("best"), int(state.get("stale", 0))
-    log = MetricsLog(run_dir, start_epoch) if rank == 0 else None
+    log = RunLogger(run_dir, start_epoch, steps_done=(start_epoch - 1) * steps_per_epoch,
+                    every_steps=tc.log_every_steps, tensorboard=tc.tensorboard) if rank == 0 else None
 
     model = ray.train.torch.prepare_model(model)
     raw = ckpt.unwrap(model)
@@ -214,6 +194,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 scheduler.step()
                 if ema is not None:
                     ema.update_parameters(raw)
+                if log is not None:
+                    log.step(epoch=epoch, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
             loss_sum += loss.item() * x.shape[0]
             seen += x.shape[0]
         train_time = time.perf_counter() - t0
@@ -222,6 +204,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {"epoch": epoch, "epochs": tc.epochs, "train_loss": loss_sum / max(seen, 1),
                    "train_images": int(seen), "images_per_second": seen / max(train_time, 1e-9),
                    "train_seconds": train_time, "lr": optimizer.param_groups[0]["lr"]}
+        if device.type == "cuda":  # this rank's peak; utilization needs pynvml
+            metrics["gpu_max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+            try:
+                metrics["gpu_utilization"] = float(torch.cuda.utilization(device))
+            except Exception:
+                pass
         t1 = time.perf_counter()
         evaluated = ema.module if ema is not None else raw  # with EMA, the averaged weights are the model
         metrics.update(evaluate(evaluated, val_shard, eval_preset, loss_fn, cfg.data.batch_size, device, precision))
@@ -246,8 +234,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state["ema"] = ema.state_dict()
                 state["model"] = raw.state_dict()
             checkpoint = Checkpoint.from_directory(str(ckpt.write_checkpoint(ckpt.new_checkpoint_dir(), evaluated, info, state)))
-            log.append({**metrics, "worker_nodes": nodes, "time": time.time(),
-                        **({"early_stopped": True} if stop else {})})
+            log.epoch({**metrics, "worker_nodes": nodes, "time": time.time(),
+                       **({"early_stopped": True} if stop else {})})
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
         if stop:  # every rank sees the same all-reduced metrics, so all stop together
             break
+    if log is not None:
+        log.close()

@@ -1,0 +1,92 @@
+"""What rank 0 records of a run: the per-epoch metrics log, loss and learning rate every N
+optimizer steps, and TensorBoard event files. Everything lands in the run directory, local or on
+object storage (which cannot append: small logs are rewritten whole, event files are uploaded
+after each epoch)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from raycv.data import io as fsio
+
+METRICS_LOG = "metrics.jsonl"  # one line per epoch
+STEPS_LOG = "steps.jsonl"  # one line every `train.log_every_steps` optimizer steps
+TENSORBOARD = "tensorboard"
+
+
+class JsonLines:
+    """A small JSON-lines file rewritten whole and atomically on `flush`. On resume, lines of
+    epochs that will be trained again are dropped (no duplicates)."""
+
+    def __init__(self, path: str, resume_epoch: int):
+        self.path = path
+        old = fsio.read_text(path) or ""
+        self.lines = [ln for ln in old.splitlines() if ln and json.loads(ln).get("epoch", 0) < resume_epoch]
+        self.flush()
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.lines.append(json.dumps(record))
+
+    def flush(self) -> None:
+        fsio.write_text(self.path, "".join(ln + "\n" for ln in self.lines))
+
+
+class RunLogger:
+    def __init__(self, run_dir: str, resume_epoch: int, *, steps_done: int, every_steps: int, tensorboard: bool = True):
+        self.run_dir, self.every, self.global_step = run_dir, every_steps, steps_done
+        self.metrics = JsonLines(fsio.join(run_dir, METRICS_LOG), resume_epoch)
+        self.steps = JsonLines(fsio.join(run_dir, STEPS_LOG), resume_epoch)
+        self.writer, self._tb_local, self._tb_remote = None, None, None
+        if tensorboard:
+            self._open_tensorboard()
+
+    def _open_tensorboard(self) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # the tensorboard package is a dependency; stay usable without it
+            return
+        target = fsio.join(self.run_dir, TENSORBOARD)
+        if "://" in target:  # event files are written locally and uploaded after each epoch
+            self._tb_local, self._tb_remote = tempfile.mkdtemp(prefix="raycv-tb-"), target
+        else:
+            self._tb_local = target
+        # purge_step: a resumed run drops events past its checkpoint (written by the attempt that died)
+        self.writer = SummaryWriter(self._tb_local, purge_step=self.global_step + 1 if self.global_step else None)
+
+    def step(self, *, epoch: int, loss: float, lr: float) -> None:
+        self.global_step += 1
+        if self.every and self.global_step % self.every == 0:
+            self.steps.add({"epoch": epoch, "step": self.global_step, "loss": loss, "lr": lr})
+            if self.writer is not None:
+                self.writer.add_scalar("train/loss_step", loss, self.global_step)
+                self.writer.add_scalar("train/lr", lr, self.global_step)
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        self.metrics.add(record)
+        self.metrics.flush()
+        self.steps.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "epochs", "time"):
+                    group = "val" if key.startswith("val_") else "gpu" if key.startswith("gpu_") else "train"
+                    self.writer.add_scalar(f"{group}/{key.removeprefix('val_')}", value, self.global_step)
+            self.writer.flush()
+            self._upload()
+
+    def _upload(self) -> None:
+        if self._tb_remote is None:
+            return
+        for f in Path(self._tb_local).rglob("*"):
+            if f.is_file():
+                fsio.write_bytes(fsio.join(self._tb_remote, f.relative_to(self._tb_local).as_posix()), f.read_bytes())
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self._upload()
+            if self._tb_remote is not None:
+                shutil.rmtree(self._tb_local, ignore_errors=True)
