@@ -58,3 +58,31 @@ def image_tree(tmp_path) -> Path:
                 ext = "png" if i % 2 else "jpg"
                 write_image(root / split / cls / f"{i}.{ext}", rng, color=color)
     return root
+
+
+N_MANY = 1500
+
+
+def untrained_checkpoint(path: Path, model: str = "resnet18_cifar", classes: int = 3) -> Path:
+    """A freshly initialized model in the raycv checkpoint format: for tests that count rows."""
+    from raycv.data.presets import ClassificationEvalPreset
+    from raycv.models import get_model
+    from raycv.train import checkpoint as ckpt
+
+    info = ckpt.CheckpointInfo(task="classification", model_name=model, model_kwargs={},
+                               classes=[chr(97 + i) for i in range(classes)],
+                               preprocess=ClassificationEvalPreset(input_size=32, resize_size=32),
+                               epoch=1, metrics={}, config={})
+    return ckpt.write_checkpoint(path, get_model(model, num_classes=classes), info)
+
+
+@pytest.fixture(scope="session")
+def many_images(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, a folder of N_MANY 32-px PNGs): long enough on 2 CPUs to break something mid-run."""
+    root = tmp_path_factory.mktemp("many")
+    rng = np.random.default_rng(0)
+    for i in range(N_MANY):
+        d = root / "images" / f"d{i % 10}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return untrained_checkpoint(root / "ckpt"), root / "images"

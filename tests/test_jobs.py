@@ -117,10 +117,9 @@ def test_job_that_fails_on_the_cluster_exits_nonzero(head, tmp_path):
 
 def test_bad_config_is_refused_before_submission(head):
     r = _raycv("submit", "--address", head.address, "train", "train.epoch=1", env=head.env, timeout=60)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "raycv submit: error: unknown config key 'train.epoch' (valid keys here: epochs, warmup_epochs, "
-        "warmup_factor, lr_schedule, step_epochs, step_gamma, label_smoothing, checkpoint_metric, "
-        "keep_checkpoints, max_failures, seed)"]
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("raycv submit: error: unknown config key 'train.epoch' (valid keys here: epochs, ")
     assert not any(j.entrypoint.endswith("train.epoch=1") for j in head.client().list_jobs())
 
 

@@ -13,43 +13,18 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from conftest import N_MANY
 
 from raycv.cli import main
 from raycv.config import load_config
 from raycv.infer.output import read_output
 from raycv.infer.pipeline import run_inference
 
-N_IMAGES = 1500
-
-
-def _checkpoint(path: Path, model: str = "resnet18_cifar") -> Path:
-    """An untrained model in the raycv checkpoint format: these tests count rows, not accuracy."""
-    from raycv.data.presets import ClassificationEvalPreset
-    from raycv.models import get_model
-    from raycv.train import checkpoint as ckpt
-
-    info = ckpt.CheckpointInfo(task="classification", model_name=model, model_kwargs={},
-                               classes=["a", "b", "c"], preprocess=ClassificationEvalPreset(input_size=32, resize_size=32),
-                               epoch=1, metrics={}, config={})
-    return ckpt.write_checkpoint(path, get_model(model, num_classes=3), info)
-
-
-@pytest.fixture(scope="module")
-def many_images(tmp_path_factory) -> tuple[Path, Path]:
-    """(checkpoint, a folder of N_IMAGES 32-px PNGs): long enough on 2 CPUs to kill something mid-run."""
-    root = tmp_path_factory.mktemp("many")
-    rng = np.random.default_rng(0)
-    for i in range(N_IMAGES):
-        d = root / "images" / f"d{i % 10}"
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    return _checkpoint(root / "ckpt"), root / "images"
+N_IMAGES = N_MANY
 
 
 def _all_inputs(images: Path) -> set[str]:
