@@ -24,6 +24,25 @@ def raycv_cache(tmp_path_factory):
     yield cache
 
 
+def ray_processes(marker: str, root_pid: int | None = None) -> list:
+    """Processes whose command line holds `marker` (Ray sets it: RayTrainWorker, ClassificationPredictor...)
+    under `root_pid`, by default this session's raylet: other Ray instances on the host are not ours."""
+    import psutil
+
+    if root_pid is None:
+        import ray
+
+        root_pid = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    found = []
+    for p in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if marker in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:  # exited (or a zombie) while we looked
+            continue
+    return found
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

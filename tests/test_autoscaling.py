@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import untrained_checkpoint
 from helpers.head import Head, clean_env
 
 REPO = Path(__file__).parents[1]
@@ -64,19 +65,6 @@ def _alive_nodes(address: str) -> list[dict]:
             if n.state == "ALIVE"]
 
 
-def _checkpoint(tmp_path: Path) -> Path:
-    """An untrained seed CNN in the raycv checkpoint format: scaling does not care about accuracy."""
-    from raycv.data.presets import ClassificationEvalPreset
-    from raycv.models import get_model
-    from raycv.train import checkpoint as ckpt
-
-    info = ckpt.CheckpointInfo(task="classification", model_name="simple_cnn", model_kwargs={},
-                               classes=[str(i) for i in range(10)],
-                               preprocess=ClassificationEvalPreset(input_size=32, resize_size=32),
-                               epoch=1, metrics={}, config={})
-    return ckpt.write_checkpoint(tmp_path / "ckpt", get_model("simple_cnn", num_classes=10), info)
-
-
 @pytest.mark.slow
 def test_accelerator_actors_scale_the_cluster_up_from_zero_and_back(fake_cluster, tmp_path):
     address = fake_cluster.address
@@ -90,8 +78,9 @@ def test_accelerator_actors_scale_the_cluster_up_from_zero_and_back(fake_cluster
     # No working_dir upload here: every fake node shares this host's session folder, so a second
     # node unpacking the same package replaces the folder that running workers use as their cwd.
     # raycv is installed in this venv; the entrypoint is given by absolute path.
+    ckpt = untrained_checkpoint(tmp_path / "ckpt", "simple_cnn", classes=10)  # scaling does not need accuracy
     job = client.submit_job(
-        entrypoint=f"python {REPO / 'jobs' / 'infer.py'} --checkpoint {_checkpoint(tmp_path)} --input registry:digits:val "
+        entrypoint=f"python {REPO / 'jobs' / 'infer.py'} --checkpoint {ckpt} --input registry:digits:val "
                    f"--output {out} 'infer.actor_resources={{accel: 1}}' infer.cpus_per_actor=1")
     peak, deadline = 1, time.monotonic() + 300
     while (status := str(client.get_job_status(job).value)) not in ("SUCCEEDED", "FAILED", "STOPPED"):

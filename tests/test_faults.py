@@ -7,27 +7,11 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+from conftest import ray_processes
 
 from raycv.config import load_config
 from raycv.train.driver import fit
-
-
-def _our_train_workers() -> list[psutil.Process]:
-    """RayTrainWorker processes under this test session's raylet (other Ray instances may run)."""
-    import ray
-
-    node = ray._private.worker._global_node
-    raylet = node.all_processes["raylet"][0].process.pid
-    workers = []
-    for p in psutil.Process(raylet).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                workers.append(p)
-        except psutil.Error:  # exited (or a zombie) while we looked
-            continue
-    return workers
 
 
 def _logged(run_dir: Path) -> list[int]:
@@ -47,7 +31,7 @@ def test_sigkilled_worker_restarts_from_the_last_checkpoint(ray_session, tmp_pat
     while 2 not in _logged(run_dir):  # epoch 2 is checkpointed: kill during epoch 3
         assert time.monotonic() < deadline and thread.is_alive(), "training did not reach epoch 2"
         time.sleep(0.2)
-    victims = _our_train_workers()
+    victims = ray_processes("RayTrainWorker")
     assert len(victims) == 2
     os.kill(victims[0].pid, signal.SIGKILL)
     thread.join(timeout=300)
@@ -55,5 +39,5 @@ def test_sigkilled_worker_restarts_from_the_last_checkpoint(ray_session, tmp_pat
     s = result["summary"]
     assert s.epochs == 4 and _logged(run_dir) == [1, 2, 3, 4]  # each epoch once, none lost, none repeated
     assert not victims[0].is_running()
-    survivors = {p.pid for p in _our_train_workers()}
+    survivors = {p.pid for p in ray_processes("RayTrainWorker")}
     assert victims[0].pid not in survivors

@@ -13,11 +13,10 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import N_MANY
+from conftest import N_MANY, ray_processes
 
 from raycv.cli import main
 from raycv.config import load_config
@@ -31,23 +30,6 @@ def _all_inputs(images: Path) -> set[str]:
     return {str(p) for p in images.rglob("*.png")}
 
 
-def _processes(marker: str, root_pid: int) -> list[psutil.Process]:
-    out = []
-    for p in psutil.Process(root_pid).children(recursive=True):
-        try:
-            if marker in " ".join(p.cmdline()):
-                out.append(p)
-        except psutil.Error:
-            continue
-    return out
-
-
-def _session_raylet() -> int:
-    import ray
-
-    return ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-
-
 @pytest.mark.slow
 def test_killed_predictor_actor_every_input_exactly_once(ray_session, many_images, tmp_path):
     ckpt, images = many_images
@@ -57,7 +39,7 @@ def test_killed_predictor_actor_every_input_exactly_once(ray_session, many_image
     thread = threading.Thread(target=lambda: result.update(s=run_inference(cfg)), daemon=True)
     thread.start()
     deadline = time.monotonic() + 120
-    while not (actors := _processes("ClassificationPredictor", _session_raylet())):
+    while not (actors := ray_processes("ClassificationPredictor")):
         assert time.monotonic() < deadline and thread.is_alive(), "no predictor actor appeared"
         time.sleep(0.1)
     time.sleep(3)  # let it load the model and predict some batches
@@ -84,7 +66,7 @@ def test_killed_driver_then_resume_completes_without_duplicates(many_images, tmp
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 180
-    while not list(out.glob("_tmp-*/*.parquet")) and not _processes("ClassificationPredictor", proc.pid):
+    while not list(out.glob("_tmp-*/*.parquet")) and not ray_processes("ClassificationPredictor", proc.pid):
         assert time.monotonic() < deadline and proc.poll() is None, "the first run never got going"
         time.sleep(0.2)
     time.sleep(2)

@@ -6,15 +6,10 @@ store and worker processes, as on separate machines; only what Ray is told, not 
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import tempfile
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from head import free_port  # this folder is first on sys.path when the script runs
 
 
 def main(storage: str, *overrides: str) -> None:

@@ -6,17 +6,12 @@ the inference summary and what was removed."""
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import tempfile
 import threading
 import time
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from head import free_port  # this folder is first on sys.path when the script runs
 
 
 def main(checkpoint: str, images: str, output: str) -> None:
