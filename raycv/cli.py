@@ -141,7 +141,7 @@ def cmd_submit(args) -> int:
     job_id, client = submit.submit(req)
     print(f"submitted {job_id} to {submit.job_address(args.address)}", flush=True)
     if not args.wait:
-        print(f"follow it: raycv jobs logs --follow {job_id}")
+        print(f"follow it: raycv jobs logs {job_id} --follow")
         return 0
     try:
         status = submit.follow(client, job_id)
@@ -167,10 +167,8 @@ def cmd_jobs(args) -> int:
         if info.message:
             print(info.message)
     elif args.action == "logs":
-        if args.follow:
-            c = submit.client(args.address)
-            submit.call(args.address, f"no job {args.job_id}", lambda c: c.get_job_status(args.job_id))
-            status = submit.follow(c, args.job_id)
+        if args.follow:  # one client; an unknown id fails in one line on the status request
+            status = submit.call(args.address, f"no job {args.job_id}", lambda c: submit.follow(c, args.job_id))
             return 0 if status == "SUCCEEDED" else 1
         print(submit.call(args.address, f"no job {args.job_id}", lambda c: c.get_job_logs(args.job_id)), end="")
     else:

@@ -90,6 +90,10 @@ def test_raycv_submit_wait_list_status_logs(head, trained, tmp_path):
     assert status.returncode == 0 and "SUCCEEDED" in status.stdout
     logs = _raycv("jobs", "logs", "rcv-infer-1", "--address", head.address, env=head.env)
     assert logs.returncode == 0 and "predictions:" in logs.stdout
+    followed = _raycv("jobs", "logs", "rcv-infer-1", "--follow", "--address", head.address, env=head.env)
+    assert followed.returncode == 0 and "predictions:" in followed.stdout
+    missing = _raycv("jobs", "logs", "no-such-job", "--follow", "--address", head.address, env=head.env)
+    assert missing.returncode == 2 and missing.stderr.startswith("raycv jobs: error: no job no-such-job")
 
 
 @pytest.mark.slow
@@ -97,6 +101,7 @@ def test_raycv_submit_then_stop(head, tmp_path):
     r = _raycv("submit", "--address", head.address, "--submission-id", "rcv-long", "train", "train.epochs=200",
                "scaling.num_workers=1", f"run.storage_path={tmp_path}", env=head.env)
     assert r.returncode == 0 and "submitted rcv-long" in r.stdout, r.stderr
+    assert "follow it: raycv jobs logs rcv-long --follow" in r.stdout
     stop = _raycv("jobs", "stop", "rcv-long", "--address", head.address, env=head.env)
     assert stop.returncode == 0 and "stop requested" in stop.stdout, stop.stdout + stop.stderr
     deadline = time.monotonic() + 60

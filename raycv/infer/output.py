@@ -48,6 +48,7 @@ class OutputLocation:
         self.fs, self.path = resolve(self.uri)
         self.run_id = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:6]
         self.tmp_path = f"{self.path}/_tmp-{self.run_id}"
+        self.created = False  # set by prepare(): this run made the output folder
 
     @property
     def tmp_uri(self) -> str:
@@ -149,7 +150,7 @@ class OutputLocation:
         output folder when this run created it and nothing else is in it."""
         if self._info(self.tmp_path).type == pafs.FileType.Directory:
             self.fs.delete_dir(self.tmp_path)
-        if getattr(self, "created", False) and self._info(self.path).type == pafs.FileType.Directory \
+        if self.created and self._info(self.path).type == pafs.FileType.Directory \
                 and not self.fs.get_file_info(pafs.FileSelector(self.path)):
             self.fs.delete_dir(self.path)
 
