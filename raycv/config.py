@@ -104,6 +104,11 @@ class RunSection(_Section):
     name: str | None = None  # default: <data>-<model>-<timestamp>; the same name resumes that run
     address: str | None = None  # Ray cluster address; default: $RAY_ADDRESS, else a new local instance
     verbose: bool = False  # show Ray's own logs
+    # MLflow (optional: pip install 'raycv[mlflow]'): a tracking URI turns it on; so does $MLFLOW_TRACKING_URI
+    # when mlflow is installed. Rank 0 logs the config as params, epoch and step metrics; the driver adds
+    # curves.png and summary.json as artifacts. A resumed run continues the same MLflow run.
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str = "raycv"
 
 
 class InferSection(_Section):

@@ -1,5 +1,6 @@
 """User-facing errors: the CLI prints these as one line and exits with status 2."""
 
+import errno
 import re
 
 
@@ -37,4 +38,33 @@ def find_user_error(exc: BaseException) -> UserError | None:
         failures = getattr(e, "worker_failures", None)
         if isinstance(failures, dict):
             stack.extend(v for v in failures.values() if isinstance(v, BaseException))
+    return None
+
+
+# Errors of the storage under an output, not of raycv: the disk is full, over quota, read-only,
+# or refuses us. Matched by errno, or by text where the error crossed Ray as a string.
+_STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                   errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                   errno.EFBIG: "file too large"}
+_STORAGE_TEXT = re.compile(r"No space left on device|Disk quota exceeded|Read-only file system|Permission denied",
+                           re.IGNORECASE)
+
+
+def find_storage_error(exc: BaseException) -> str | None:
+    """A short reason when an exception (maybe wrapped by Ray) comes from the storage, else None."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+            return _STORAGE_ERRNOS[e.errno]
+        m = _STORAGE_TEXT.search(str(e))
+        if m:
+            return m.group(0).lower()
+        for nxt in (getattr(e, "cause", None), e.__cause__, e.__context__):
+            if isinstance(nxt, BaseException):
+                stack.append(nxt)
     return None

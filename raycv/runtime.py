@@ -86,3 +86,50 @@ def plan_worker_resources(*, num_workers: int, use_gpu: bool, cpus_per_worker: f
             f"lower scaling.num_workers or scaling.cpus_per_worker")
     threads = max(1, int(resources["CPU"] + 0.5))
     return resources, threads
+
+
+def autoscaler_running(wait_s: float = 10.0) -> bool:
+    """Whether an autoscaler could add nodes to this cluster.
+
+    Ray reports a cluster config with node-type maxima when KubeRay or autoscaler v2 drives the
+    cluster. The v1 autoscaler (`ray up cluster.yaml`, `ray start --autoscaling-config`) does not,
+    but its status (written every few seconds by the head's monitor) names the configured node
+    types; without an autoscaling config the monitor runs read-only and each node's type is just
+    `node_<its id>`. The first status can lag a fresh head by a few seconds: wait up to `wait_s`.
+    """
+    import json
+    import time
+
+    from ray._private import ray_constants, state
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        if state.state.get_max_resources_from_cluster_config():
+            return True
+    except Exception:  # private API: absent or moved in another Ray release
+        pass
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+            report = (json.loads(raw) if raw else {}).get("autoscaler_report")
+        except Exception:
+            report = None
+        if report:
+            mapping = report.get("node_type_mapping") or {}
+            return any(t != f"node_{node_id}" for node_id, t in mapping.items())
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+
+
+def check_can_hold(needed: dict[str, float], what: str, fix: str) -> None:
+    """Refuse up front a request for resources (GPU, custom ones) that this cluster lacks and no
+    autoscaler could add: Ray would otherwise wait forever without a word. `needed` is the total
+    the job cannot start without (every training worker; the minimum predictor actor pool)."""
+    have = ray.cluster_resources()
+    short = {k: v for k, v in needed.items() if k != "CPU" and v > 0 and have.get(k, 0.0) + 1e-6 < v}
+    if not short or autoscaler_running():
+        return
+    parts = ", ".join(f"{v:g} {k} (it has {have.get(k, 0.0):g})" for k, v in short.items())
+    raise UserError(f"{what} needs {parts} and this cluster has no autoscaler that could add them; {fix}")

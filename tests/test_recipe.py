@@ -29,7 +29,9 @@ RECIPE = ["train.amp=bf16", "train.channels_last=true", "train.mixup_alpha=0.2",
 
 @pytest.mark.slow
 def test_full_recipe_trains_checkpoints_ema_and_resumes(ray_session, tmp_path, capsys):
-    rc = main(["train", *RECIPE, "train.epochs=2", f"run.storage_path={tmp_path}", "run.name=recipe"])
+    mlruns = f"file://{tmp_path / 'mlruns'}"  # a real MLflow file store, written by rank 0 and the driver
+    rc = main(["train", *RECIPE, "train.epochs=2", f"run.storage_path={tmp_path}", "run.name=recipe",
+               f"run.mlflow_tracking_uri={mlruns}"])
     assert rc == 0, capsys.readouterr().err
     run = tmp_path / "recipe"
     summary = json.loads((run / "summary.json").read_text())
@@ -45,7 +47,8 @@ def test_full_recipe_trains_checkpoints_ema_and_resumes(ray_session, tmp_path, c
     assert info.metrics["val_accuracy"] == pytest.approx(
         json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["val_accuracy"])
 
-    rc = main(["train", *RECIPE, "train.epochs=3", f"run.storage_path={tmp_path}", "run.name=recipe"])
+    rc = main(["train", *RECIPE, "train.epochs=3", f"run.storage_path={tmp_path}", "run.name=recipe",
+               f"run.mlflow_tracking_uri={mlruns}"])
     out = capsys.readouterr().out
     assert rc == 0 and "resumed from the epoch-2 checkpoint" in out
     assert [json.loads(ln)["epoch"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
@@ -60,6 +63,26 @@ def test_full_recipe_trains_checkpoints_ema_and_resumes(ray_session, tmp_path, c
     assert [e.value for e in tb.Scalars("val/accuracy")] == pytest.approx(
         [json.loads(ln)["val_accuracy"] for ln in (run / "metrics.jsonl").read_text().splitlines()])
     assert len(tb.Scalars("train/loss_step")) == len(steps)
+
+    # MLflow: one run across the resume, the config as params, every epoch's metrics, the artifacts.
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(mlruns)
+    run_id = (run / "mlflow_run_id").read_text().strip()
+    found = client.search_runs([client.get_experiment_by_name("raycv").experiment_id])
+    assert [r.info.run_id for r in found] == [run_id]
+    mrun = client.get_run(run_id)
+    assert mrun.info.status == "FINISHED" and mrun.data.params["train.ema_decay"] == "0.9"
+    assert mrun.data.params["train.epochs"] == "2"  # logged once, by the first attempt
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "val_accuracy"))
+    assert [step for step, _ in history] == [1, 2, 3]
+    assert [v for _, v in history] == pytest.approx(
+        [json.loads(ln)["val_accuracy"] for ln in (run / "metrics.jsonl").read_text().splitlines()])
+    assert len(client.get_metric_history(run_id, "loss_step")) == len(steps)
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"curves.png", "summary.json", "metrics.jsonl"}
 
     # `raycv report`: the table, the best checkpoint, and a PNG that is a real picture of curves.
     (run / "curves.png").unlink()

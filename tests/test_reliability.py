@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,3 +136,62 @@ def test_ids_cannot_write_outside_the_output(ray_session, many_images, tmp_path)
     created = {p for p in tmp_path.rglob("*")} - before
     assert created and all(p == work or p == out.parent or out in (p, *p.parents) for p in created), created
     assert sorted(read_output(str(out)).column("path").to_pylist()) == sorted(evil)
+
+
+def _private_mount_prefix() -> list[str] | None:
+    """`unshare` arguments that give a child its own mount namespace (root, or a user namespace)."""
+    if shutil.which("unshare") is None:
+        return None
+    for prefix in (["unshare", "--mount"], ["unshare", "--user", "--map-root-user", "--mount"]):
+        if subprocess.run([*prefix, "true"], capture_output=True).returncode == 0:
+            return prefix
+    return None
+
+
+@pytest.mark.slow
+def test_full_disk_is_one_line_and_nothing_is_published(many_images, tmp_path):
+    """The output folder lies on a 64 KiB tmpfs mounted in a private mount namespace, and the
+    output (with 512-float embeddings) needs far more. `raycv infer` runs inside that namespace
+    with its own local Ray, so the Parquet writers hit ENOSPC for real: the run must end with one
+    line naming the output and the cause, exit 2, and leave neither a manifest nor partial files."""
+    prefix = _private_mount_prefix()
+    if prefix is None:
+        pytest.skip("no way to make a private mount namespace here (unshare missing or not permitted)")
+    ckpt, images = many_images
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    listing = tmp_path / "listing.txt"
+    out = mnt / "preds"
+    script = (f'mount -t tmpfs -o size=64k tmpfs "{mnt}" || exit 97\n'
+              f'"{sys.executable}" -m raycv.cli infer --checkpoint "{ckpt}" --input "{images / "d0"}" '
+              f'--output "{out}" infer.embedding=true infer.batch_size=16\n'
+              f'rc=$?\nfind "{mnt}" > "{listing}"\nexit $rc\n')
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([*prefix, "sh", "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode != 97, f"could not mount a tmpfs: {r.stderr[-500:]}"
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert len(errors) == 1 and f"cannot write to output {out}: no space left on device" in errors[0], errors
+    assert listing.read_text().split() == [str(mnt)], listing.read_text()  # no manifest, no part files, no folder
+
+
+def test_gpu_or_custom_resources_the_cluster_lacks_are_refused(ray_session, many_images, tmp_path, capsys):
+    """The session cluster has 2 CPUs, no GPU, no `accel`, and no autoscaler: each request below
+    would wait forever in Ray; raycv refuses it in one line before any work."""
+    ckpt, images = many_images
+    runs = tmp_path / "runs"
+    cases = [
+        (["train", "data.name=digits", "scaling.use_gpu=true", f"run.storage_path={runs}"],
+         "training with scaling.num_workers=2 x {'CPU': 1.0, 'GPU': 1.0} needs 2 GPU (it has 0)"),
+        (["infer", "--checkpoint", str(ckpt), "--input", str(images / "d0"), "--output", str(tmp_path / "o1"),
+          "infer.use_gpu=true"], "needs 1 GPU (it has 0)"),
+        (["infer", "--checkpoint", str(ckpt), "--input", str(images / "d0"), "--output", str(tmp_path / "o2"),
+          "infer.actor_resources={accel: 1}", "infer.min_actors=2", "infer.max_actors=2"],
+         "needs 2 accel (it has 0)"),
+    ]
+    for argv, message in cases:
+        rc = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1, (argv, err)
+        assert message in err[0] and "no autoscaler that could add them" in err[0], err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

@@ -16,7 +16,7 @@ from raycv import runtime
 from raycv.config import InferConfig
 from raycv.data.decode import decode_batch
 from raycv.data.presets import ClassificationEvalPreset
-from raycv.errors import UserError
+from raycv.errors import UserError, find_storage_error
 from raycv.infer.output import OutputLocation
 from raycv.infer.predictor import ClassificationPredictor
 from raycv.infer.progress import ProgressLine, RowCounter
@@ -110,6 +110,10 @@ def run_inference(cfg: InferConfig) -> InferSummary:
         decode_cpus = cfg.data.decode_cpus
         budget = runtime.cpu_budget()
         actor_cpus, threads = plan_actors(cfg, budget.total, decode_cpus, budget.free, budget.largest_node)
+        per_actor = {**({"GPU": 1.0} if cfg.infer.use_gpu else {}), **cfg.infer.actor_resources}
+        runtime.check_can_hold({k: v * cfg.infer.min_actors for k, v in per_actor.items()},
+                               f"inference with infer.min_actors={cfg.infer.min_actors} x {per_actor}",
+                               "set infer.use_gpu=false / drop infer.actor_resources, or lower infer.min_actors")
         metadata = file_metadata(checkpoint=spec.checkpoint, model=spec.name, classes=spec.classes,
                                  preprocess=spec.preprocess.to_dict())
         embedding_dim = spec.embedding_dim if cfg.infer.embedding else None
@@ -135,6 +139,11 @@ def run_inference(cfg: InferConfig) -> InferSummary:
             try:
                 ds.write_parquet(out.tmp_uri, schema=classification_schema(embedding_dim).with_metadata(metadata),
                                  min_rows_per_file=min(cfg.infer.rows_per_file, max(1, inputs.count)))
+            except Exception as e:
+                if (reason := find_storage_error(e)) is None:
+                    raise
+                raise UserError(f"cannot write to output {cfg.infer.output}: {reason}; "
+                                f"nothing was published and this run's partial files were removed") from None
             finally:
                 progress.finish()
         rows, errors, paths = out.count_written()

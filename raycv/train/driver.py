@@ -123,6 +123,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
     get_model_entry(cfg.model.name)  # unknown model: fail before Ray starts
     if cfg.train.amp == "fp16" and not cfg.scaling.use_gpu:
         raise UserError("train.amp=fp16 needs GPUs (scaling.use_gpu=true); on CPU use train.amp=bf16")
+    mlflow_uri = _mlflow_tracking_uri(cfg, echo)
     runtime.connect(cfg.run.address, verbose=cfg.run.verbose)
     storage = resolve_storage_path(cfg.run.storage_path)
     name = cfg.run.name or default_run_name(cfg)
@@ -139,6 +140,9 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
         num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
         gpus_per_worker=cfg.scaling.gpus_per_worker, data_cpus=cfg.scaling.data_cpus, total_cpus=budget.total,
         free_cpus=budget.free, node_cpus=budget.largest_node)
+    runtime.check_can_hold({k: v * cfg.scaling.num_workers for k, v in resources.items()},
+                           f"training with scaling.num_workers={cfg.scaling.num_workers} x {resources}",
+                           "lower scaling.num_workers or gpus_per_worker, or set scaling.use_gpu=false")
 
     splits = build_dataset(cfg.data)
     train_preset, eval_preset = make_presets(cfg, splits.mean, splits.std)
@@ -159,6 +163,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
             "cfg": cfg.model_dump(mode="json"), "classes": splits.classes, "run_dir": run_dir,
             "train_preset": {k: getattr(train_preset, k) for k in ("input_size", "resize_size", "augment", "hflip", "random_erasing", "mean", "std")},
             "eval_preset": eval_preset.to_dict(), "num_train": splits.num_train, "threads": threads,
+            "mlflow_tracking_uri": mlflow_uri,
         },
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources,
@@ -200,7 +205,56 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
     except Exception as e:  # a plot is not worth failing a finished run
         echo(f"raycv: could not draw the training curves: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     fsio.write_text(fsio.join(run_dir, "summary.json"), json.dumps(summary.to_json(), indent=1))
+    if mlflow_uri:
+        _mlflow_artifacts(mlflow_uri, run_dir, echo)
     return summary
+
+
+def _mlflow_tracking_uri(cfg: TrainConfig, echo: Callable[[str], None]) -> str | None:
+    """run.mlflow_tracking_uri, else $MLFLOW_TRACKING_URI when mlflow is installed, else None (off)."""
+    import importlib.util
+    import os
+
+    installed = importlib.util.find_spec("mlflow") is not None
+    if cfg.run.mlflow_tracking_uri:
+        if not installed:
+            raise UserError("run.mlflow_tracking_uri is set but mlflow is not installed: pip install 'raycv[mlflow]'")
+        return cfg.run.mlflow_tracking_uri
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and not installed:
+        echo("raycv: $MLFLOW_TRACKING_URI is set but mlflow is not installed: not logging to MLflow")
+    return uri if uri and installed else None
+
+
+def _mlflow_artifacts(tracking_uri: str, run_dir: str, echo: Callable[[str], None]) -> None:
+    """The finished run's curves, summary and metrics log as artifacts of its MLflow run."""
+    import os
+    import tempfile
+
+    from raycv.train.tracking import MLFLOW_RUN_ID
+
+    run_id = (fsio.read_text(fsio.join(run_dir, MLFLOW_RUN_ID)) or "").strip()
+    if not run_id:
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        if tracking_uri.startswith("file:") or "://" not in tracking_uri:
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        client = MlflowClient(tracking_uri)
+        with tempfile.TemporaryDirectory(prefix="raycv-mlflow-") as tmp:
+            for name in ("curves.png", "summary.json", METRICS_LOG):
+                try:
+                    data = fsio.read_bytes(fsio.join(run_dir, name))
+                except FileNotFoundError:
+                    continue
+                local = os.path.join(tmp, name)
+                with open(local, "wb") as f:
+                    f.write(data)
+                client.log_artifact(run_id, local)
+        client.set_terminated(run_id)
+    except Exception as e:  # the run itself is done and saved; MLflow is a view of it
+        echo(f"raycv: could not log artifacts to MLflow: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
 
 
 def _uri(checkpoint, storage: str) -> str | None:

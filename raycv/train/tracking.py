@@ -1,5 +1,5 @@
 """What rank 0 records of a run: the per-epoch metrics log, loss and learning rate every N
-optimizer steps, and TensorBoard event files. Everything lands in the run directory, local or on
+optimizer steps, TensorBoard event files, and an MLflow run when one is configured. Everything lands in the run directory, local or on
 object storage (which cannot append: small logs are rewritten whole, event files are uploaded
 after each epoch)."""
 
@@ -16,6 +16,7 @@ from raycv.data import io as fsio
 METRICS_LOG = "metrics.jsonl"  # one line per epoch
 STEPS_LOG = "steps.jsonl"  # one line every `train.log_every_steps` optimizer steps
 TENSORBOARD = "tensorboard"
+MLFLOW_RUN_ID = "mlflow_run_id"  # the MLflow run this run logs to: a resumed run continues it
 
 
 class JsonLines:
@@ -36,13 +37,15 @@ class JsonLines:
 
 
 class RunLogger:
-    def __init__(self, run_dir: str, resume_epoch: int, *, steps_done: int, every_steps: int, tensorboard: bool = True):
+    def __init__(self, run_dir: str, resume_epoch: int, *, steps_done: int, every_steps: int, tensorboard: bool = True,
+                 mlflow: dict[str, Any] | None = None):
         self.run_dir, self.every, self.global_step = run_dir, every_steps, steps_done
         self.metrics = JsonLines(fsio.join(run_dir, METRICS_LOG), resume_epoch)
         self.steps = JsonLines(fsio.join(run_dir, STEPS_LOG), resume_epoch)
         self.writer, self._tb_local, self._tb_remote = None, None, None
         if tensorboard:
             self._open_tensorboard()
+        self.mlflow = open_mlflow(run_dir, **mlflow) if mlflow else None
 
     def _open_tensorboard(self) -> None:
         try:
@@ -64,14 +67,19 @@ class RunLogger:
             if self.writer is not None:
                 self.writer.add_scalar("train/loss_step", loss, self.global_step)
                 self.writer.add_scalar("train/lr", lr, self.global_step)
+            if self.mlflow is not None:
+                self.mlflow.log_metrics({"loss_step": loss, "lr_step": lr}, step=self.global_step)
 
     def epoch(self, record: dict[str, Any]) -> None:
         self.metrics.add(record)
         self.metrics.flush()
         self.steps.flush()
+        if self.mlflow is not None:
+            self.mlflow.log_metrics({k: float(v) for k, v in record.items() if _is_number(v) and k != "epoch"},
+                                    step=int(record["epoch"]))
         if self.writer is not None:
             for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "epochs", "time"):
+                if _is_number(value) and key not in ("epoch", "epochs", "time"):
                     group = "val" if key.startswith("val_") else "gpu" if key.startswith("gpu_") else "train"
                     self.writer.add_scalar(f"{group}/{key.removeprefix('val_')}", value, self.global_step)
             self.writer.flush()
@@ -85,8 +93,47 @@ class RunLogger:
                 fsio.write_bytes(fsio.join(self._tb_remote, f.relative_to(self._tb_local).as_posix()), f.read_bytes())
 
     def close(self) -> None:
+        if self.mlflow is not None:
+            self.mlflow.end_run()
         if self.writer is not None:
             self.writer.close()
             self._upload()
             if self._tb_remote is not None:
                 shutil.rmtree(self._tb_local, ignore_errors=True)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"epochs": 3}} -> {"train.epochs": 3}: MLflow params are flat."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def open_mlflow(run_dir: str, *, tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any]):
+    """Start (or, on resume, continue) this run's MLflow run through Ray's `setup_mlflow`; return
+    the mlflow module. Params are logged once: a resumed run may change values such as
+    train.epochs, which MLflow refuses to overwrite."""
+    import os
+
+    from ray.air.integrations.mlflow import setup_mlflow
+
+    if tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        # MLflow 3 keeps its file store in maintenance mode behind this switch; a path is the user's choice
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    id_file = fsio.join(run_dir, MLFLOW_RUN_ID)
+    existing = (fsio.read_text(id_file) or "").strip()
+    if existing:
+        os.environ["MLFLOW_RUN_ID"] = existing  # mlflow.start_run continues the run named here
+    mlflow = setup_mlflow(config=None if existing else params, tracking_uri=tracking_uri, experiment_name=experiment,
+                          run_name=run_name, create_experiment_if_not_exists=True, rank_zero_only=False)
+    if not existing:
+        fsio.write_text(id_file, mlflow.active_run().info.run_id)
+    return mlflow

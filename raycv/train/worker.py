@@ -25,7 +25,7 @@ from raycv.data.presets import ClassificationEvalPreset, ClassificationTrainPres
 from raycv.models import get_model
 from raycv.train import checkpoint as ckpt
 from raycv.train.optim import build_batch_mix, build_loss, build_optimizer, build_scheduler, correct_topk
-from raycv.train.tracking import RunLogger
+from raycv.train.tracking import RunLogger, flatten
 
 
 class AugmentCollate(NumpyBatchCollateFn):
@@ -155,8 +155,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             precision.scaler.load_state_dict(state["scaler"])
         start_epoch = int(state["epoch"]) + 1
         best, stale = state.get("best"), int(state.get("stale", 0))
+    mlflow = None
+    if rank == 0 and config.get("mlflow_tracking_uri"):
+        mlflow = dict(tracking_uri=config["mlflow_tracking_uri"], experiment=cfg.run.mlflow_experiment,
+                      run_name=cfg.run.name, params=flatten(config["cfg"]))
     log = RunLogger(run_dir, start_epoch, steps_done=(start_epoch - 1) * steps_per_epoch,
-                    every_steps=tc.log_every_steps, tensorboard=tc.tensorboard) if rank == 0 else None
+                    every_steps=tc.log_every_steps, tensorboard=tc.tensorboard, mlflow=mlflow) if rank == 0 else None
 
     model = ray.train.torch.prepare_model(model)
     raw = ckpt.unwrap(model)
