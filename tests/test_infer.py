@@ -253,8 +253,79 @@ def test_checkpoint_with_a_code_pickle_is_refused_and_nothing_runs(checkpoint, t
     shutil.copytree(checkpoint, evil)
     marker = tmp_path / "pwned"
     torch.save({"conv1.weight": _Payload(str(marker))}, evil / "model.pt")
+    _record_digests(evil)  # whoever plants the file can rewrite raycv.json too: weights_only must hold alone
     with pytest.raises(UserError, match="refusing to load .*model.pt: not a tensors-only raycv file"):
         load_model(evil)
     rc = main(["infer", "--checkpoint", str(evil), "--input", str(tmp_path), "--output", str(tmp_path / "o")])
     assert rc == 2 and "refusing to load" in capsys.readouterr().err
     assert not marker.exists()  # the payload never ran
+
+
+def _record_digests(directory: Path) -> None:
+    import hashlib
+
+    meta = json.loads((directory / "raycv.json").read_text())
+    for name in meta["files"]:
+        data = (directory / name).read_bytes()
+        meta["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (directory / "raycv.json").write_text(json.dumps(meta))
+
+
+def test_torn_checkpoints_are_refused_instead_of_loading_wrong_weights(checkpoint, tmp_path, capsys):
+    """What a crash while a checkpoint is written or copied (Ray copies each file of it into the
+    run folder) can leave: model.pt from another write of the same model (same size, other
+    weights), a truncated model.pt, a truncated train_state.pt. raycv.json records each file's
+    size and SHA-256, so each is refused by name; the intact checkpoint loads."""
+    import shutil
+
+    from raycv.train import checkpoint as ckpt
+
+    a, b = sorted(checkpoint.parent.glob("checkpoint_epoch_*"))[-2:]
+    assert (a / "model.pt").stat().st_size == (b / "model.pt").stat().st_size
+    cases = {}
+    cases["mixed"] = shutil.copytree(b, tmp_path / "mixed")
+    shutil.copy(a / "model.pt", cases["mixed"] / "model.pt")
+    for name, file in (("truncated", "model.pt"), ("state", "train_state.pt")):
+        cases[name] = shutil.copytree(b, tmp_path / name)
+        data = (b / file).read_bytes()
+        (cases[name] / file).write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="is torn: model.pt .*SHA-256 differs"):
+        load_model(cases["mixed"])
+    with pytest.raises(UserError, match="is torn: model.pt .*bytes, .* recorded"):
+        load_model(cases["truncated"])
+    with pytest.raises(UserError, match="is torn: train_state.pt"):
+        ckpt.load_train_state(cases["state"])
+    model, info = load_model(b)  # the intact one: its own weights
+    assert all(torch.equal(v, w) for v, w in zip(model.state_dict().values(),
+                                                  torch.load(b / "model.pt", weights_only=True).values()))
+    rc = main(["infer", "--checkpoint", str(cases["mixed"]), "--input", str(tmp_path), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "is torn" in err[0] and not (tmp_path / "o").exists()
+
+
+def test_checkpoint_killed_mid_write_is_never_taken_for_a_whole_one(tmp_path):
+    """SIGKILL a process while write_checkpoint is saving a large model: raycv.json is written last
+    (atomically), so what is left is refused as not a checkpoint, never loaded."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from raycv.train.checkpoint import read_info
+
+    target = tmp_path / "ckpt"
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+from pathlib import Path
+from conftest import untrained_checkpoint
+untrained_checkpoint(Path({str(target)!r}), model="resnet152", classes=1000)
+"""])
+    deadline = time.monotonic() + 120
+    while not ((target / "model.pt").is_file() and (target / "model.pt").stat().st_size > 0):
+        assert child.poll() is None and time.monotonic() < deadline, "the child ended before it wrote model.pt"
+        time.sleep(0.005)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (target / "raycv.json").exists()
+    with pytest.raises(UserError, match="not a raycv checkpoint"):
+        read_info(target)

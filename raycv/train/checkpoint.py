@@ -6,10 +6,14 @@
 - `train_state.pt`: optimizer, scheduler and epoch for resume, tensors and plain values only.
 
 Loading never unpickles arbitrary objects: a file that needs more than tensors is refused.
+`raycv.json` is written last and records the size and SHA-256 of the other files: a checkpoint
+torn by a crash while it was written or copied (a truncated `model.pt`, or one file from another
+write) is refused by name instead of loading the wrong weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -41,11 +45,11 @@ class CheckpointInfo:
     metrics: dict[str, Any]
     config: dict[str, Any]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, files: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         return {"format": "raycv-checkpoint", "format_version": FORMAT_VERSION, "raycv_version": raycv.__version__,
                 "task": self.task, "model": {"name": self.model_name, "kwargs": self.model_kwargs},
                 "classes": self.classes, "num_classes": len(self.classes), "preprocess": self.preprocess.to_dict(),
-                "epoch": self.epoch, "metrics": self.metrics, "config": self.config}
+                "epoch": self.epoch, "metrics": self.metrics, "config": self.config, "files": files or {}}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "CheckpointInfo":
@@ -63,10 +67,49 @@ def write_checkpoint(directory: str | os.PathLike, model: nn.Module, info: Check
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     torch.save(unwrap(model).state_dict(), d / MODEL_FILE)
+    files = [MODEL_FILE]
     if train_state is not None:
         torch.save(train_state, d / STATE_FILE)
-    (d / META_FILE).write_text(json.dumps(info.to_json(), indent=1))  # last: its presence marks a whole checkpoint
+        files.append(STATE_FILE)
+    digests = {name: {"bytes": (d / name).stat().st_size, "sha256": _sha256(d / name)} for name in files}
+    # last, and atomically: its presence marks a whole checkpoint, its digests say which files belong to it
+    tmp = d / f".{META_FILE}.tmp"
+    tmp.write_text(json.dumps(info.to_json(digests), indent=1))
+    os.replace(tmp, d / META_FILE)
     return d
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(directory: str | os.PathLike, name: str) -> None:
+    """Refuse a file of the checkpoint whose size or SHA-256 is not what `raycv.json` recorded
+    (checkpoints written before digests were recorded are not checked)."""
+    d = Path(directory)
+    try:
+        recorded = json.loads((d / META_FILE).read_text()).get("files", {}).get(name)
+    except (OSError, ValueError):
+        return  # read_info reports a missing or unreadable raycv.json
+    if not recorded:
+        return
+    path = d / name
+    size = path.stat().st_size if path.is_file() else None
+    expected = recorded["bytes"]
+    if size is None:
+        problem = "missing"
+    elif size != expected:
+        problem = f"{size} bytes, {expected} recorded"
+    elif _sha256(path) != recorded["sha256"]:
+        problem = "its SHA-256 differs from the recorded one"
+    else:
+        return
+    raise UserError(f"checkpoint {d} is torn: {name} is not the file its {META_FILE} records ({problem}); "
+                    f"was it written or copied by a run that crashed? use another checkpoint")
 
 
 def new_checkpoint_dir() -> Path:
@@ -118,11 +161,13 @@ def read_info(directory: str | os.PathLike) -> CheckpointInfo:
 
 
 def load_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    verify(directory, MODEL_FILE)
     return _tensors_only(Path(directory) / MODEL_FILE)
 
 
 def load_train_state(directory: str | os.PathLike) -> dict[str, Any] | None:
     p = Path(directory) / STATE_FILE
+    verify(directory, STATE_FILE)
     return _tensors_only(p) if p.is_file() else None
 
 
