@@ -1,10 +1,15 @@
 """Batch-inference throughput: raycv vs a bare one-process loop vs Ray's documented pattern.
 
 Generates its own JPEGs, runs every contender on the same files in the same run, prints a table
-of images/s and ratios against the bare loop, and writes it as JSON.
+and writes it as JSON. Each Ray contender runs twice, over N and over `--scale` x N images:
+start-up (worker processes importing torch, the model loading) is the same in both, so the
+steady-state rate is the marginal one, (scale*N - N) / (t_big - t_small), and start-up is what is
+left of t_small. The bare loop has no start-up to speak of; its rate is over the N images.
+raycv's peak memory (PSS summed over the driver and every Ray process, sampled every 0.25 s) is
+recorded at both sizes: streaming should keep it flat.
 
-    python bench/infer_bench.py --images 2000 --size 64      # decode-bound: small model input
-    python bench/infer_bench.py --images 600 --size 224      # compute-bound: ResNet-18 at 224 px
+    python bench/infer_bench.py --images 1000 --scale 10 --size 64   # decode-bound: small model input
+    python bench/infer_bench.py --images 300 --scale 3 --size 224    # compute-bound: ResNet-18 at 224 px
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -106,9 +112,46 @@ def raycv_infer(folder: Path, checkpoint: Path, batch: int, out: Path) -> float:
     return time.perf_counter() - t0
 
 
+class PeakMemory:
+    """Peak of the summed PSS of this process and all its descendants (a local Ray instance started
+    here: GCS, raylet, object store, workers), sampled in a thread. PSS counts shared pages (the
+    object store) once across processes, where RSS would count them in every process."""
+
+    def __init__(self, every: float = 0.25):
+        import psutil
+
+        self.psutil, self.every, self.peak = psutil, every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        me = self.psutil.Process()
+        total = 0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                total += p.memory_full_info().pss
+            except (self.psutil.Error, AttributeError):
+                continue
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--images", type=int, default=1000, help="N")
+    ap.add_argument("--scale", type=int, default=10, help="the second run has scale x N images")
     ap.add_argument("--size", type=int, default=64, help="model input side, pixels")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--json", default="bench/results/infer.json")
@@ -118,22 +161,50 @@ def main() -> None:
     import ray.data
 
     work = Path(tempfile.mkdtemp(prefix="raycv-bench-"))
-    paths = make_jpegs(work / "images", args.images)
+    n, big = args.images, args.images * args.scale
+    paths = make_jpegs(work / "images-big", big)
+    small = work / "images-small"
+    small.mkdir()
+    for p in paths[:n]:
+        os.link(p, small / Path(p).name)
+    folders = {n: small, big: work / "images-big"}
     ckpt = make_checkpoint(work / "ckpt", args.size)
-    results = {"bare loop (1 process, all cores)": bare_loop(paths, ckpt, args.batch)}
+    bare_s = bare_loop(paths[:n], ckpt, args.batch)
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
-    results["Ray documented pattern"] = ray_documented(work / "images", ckpt, args.batch, work / "out-ray", args.size)
-    results["raycv infer"] = raycv_infer(work / "images", ckpt, args.batch, work / "out-raycv")
+    names = ("Ray documented pattern", "raycv infer")
+    times: dict[str, dict[int, float]] = {k: {} for k in names}
+    memory: dict[str, dict[int, int]] = {k: {} for k in names}
+    for count, folder in folders.items():
+        for name in names:
+            with PeakMemory() as mem:
+                if name == "raycv infer":
+                    times[name][count] = raycv_infer(folder, ckpt, args.batch, work / f"out-raycv-{count}")
+                else:
+                    times[name][count] = ray_documented(folder, ckpt, args.batch, work / f"out-ray-{count}", args.size)
+            memory[name][count] = mem.peak
     ray.shutdown()
 
-    base = args.images / results["bare loop (1 process, all cores)"]
-    rows = [{"contender": k, "seconds": round(v, 2), "images_per_second": round(args.images / v, 1),
-             "ratio_vs_bare": round(args.images / v / base, 3)} for k, v in results.items()]
-    report(f"ResNet-18 at {args.size} px over {args.images} JPEGs (256x256), batch {args.batch}, "
-           f"{os.cpu_count()} CPUs; end to end, start-up included", rows,
-           ["contender", "seconds", "images_per_second", "ratio_vs_bare"], args.json,
-           {"images": args.images, "size": args.size, "batch": args.batch, "cpus": os.cpu_count()})
+    gib = 1024 ** 3
+    base = n / bare_s
+    rows = [{"contender": "bare loop (1 process, all cores)", "start_up_s": 0.0,
+             "steady_images_per_second": round(base, 1), "ratio_vs_bare": 1.0}]
+    for name in names:
+        t, m = times[name], memory[name]
+        rate = (big - n) / max(t[big] - t[n], 1e-9)
+        rows.append({"contender": name, "start_up_s": round(max(t[n] - n / rate, 0.0), 1),
+                     "steady_images_per_second": round(rate, 1), "ratio_vs_bare": round(rate / base, 3),
+                     "seconds_N": round(t[n], 2), "seconds_scaleN": round(t[big], 2),
+                     "peak_GiB_N": round(m[n] / gib, 2), "peak_GiB_scaleN": round(m[big] / gib, 2),
+                     "memory_ratio": round(m[big] / max(m[n], 1), 3)})
+    report(f"ResNet-18 at {args.size} px, JPEGs 256x256, N={n} and {args.scale}N={big}, batch {args.batch}, "
+           f"{os.cpu_count()} CPUs. Steady state: the marginal rate between the two runs; start-up: the rest of "
+           f"the N run; memory: peak PSS of all Ray processes and the driver (GiB), ratio {args.scale}N / N", rows,
+           ["contender", "start_up_s", "steady_images_per_second", "ratio_vs_bare", "seconds_N", "seconds_scaleN",
+            "peak_GiB_N", "peak_GiB_scaleN", "memory_ratio"],
+           args.json, {"images": n, "scale": args.scale, "size": args.size, "batch": args.batch,
+                       "cpus": os.cpu_count()})
+
 
 if __name__ == "__main__":
     main()

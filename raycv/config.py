@@ -41,6 +41,10 @@ class DataSection(_Section):
     mean: list[float] | None = None  # per channel; default: the dataset's own
     std: list[float] | None = None
     cache: bool = True  # keep decoded images in Ray's object store across epochs (small sets)
+    # With data.cache, when a worker's shard of decoded uint8 training images is at most this many MB,
+    # each worker also keeps it in its own memory after epoch 1 and later epochs shuffle it there (no
+    # per-batch trip through Ray Data's iterator). 0: off.
+    worker_cache_mb: float = Field(512.0, ge=0.0)
     image_column: str = "image"  # parquet sources: encoded image bytes
     label_column: str = "label"  # parquet sources: integer class index or class name
     decode_cpus: float = Field(0.5, gt=0.0, le=16.0)  # CPUs per Ray Data decode task
@@ -91,12 +95,26 @@ class TrainSection(_Section):
 
 class ScalingSection(_Section):
     num_workers: int = Field(2, ge=1)  # Ray Train workers (DDP ranks)
+    # Elastic training: with min_workers below num_workers, Ray Train starts with as many workers as the
+    # cluster holds between the two, and resizes (restarting from the last checkpoint) as nodes come and go.
+    min_workers: int | None = Field(None, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float | None = Field(None, gt=0.0)  # default: share the cluster's CPUs with Ray Data
     gpus_per_worker: float = Field(1.0, gt=0.0)  # with use_gpu
     data_cpus: float = Field(0.5, ge=0.0)  # CPUs left free for Ray Data while training runs
     # how workers are placed: PACK fills a node first; SPREAD / STRICT_SPREAD put them on different nodes
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    @model_validator(mode="after")
+    def _elastic(self) -> "ScalingSection":
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"scaling.min_workers={self.min_workers} is above scaling.num_workers={self.num_workers}")
+        return self
+
+    @property
+    def fewest_workers(self) -> int:
+        """What the run cannot start without: min_workers when elastic, else num_workers."""
+        return self.min_workers or self.num_workers
 
 
 class RunSection(_Section):

@@ -53,7 +53,8 @@ def cpu_budget() -> CpuBudget:
 
 def plan_worker_resources(*, num_workers: int, use_gpu: bool, cpus_per_worker: float | None,
                           gpus_per_worker: float, data_cpus: float, total_cpus: float,
-                          free_cpus: float | None = None, node_cpus: float | None = None) -> tuple[dict, int]:
+                          free_cpus: float | None = None, node_cpus: float | None = None,
+                          min_workers: int | None = None) -> tuple[dict, int]:
     """-> (resources_per_worker, torch intra-op threads per worker).
 
     Ray's documented TorchTrainer + Ray Data pattern gives each worker a whole CPU; with 2 workers
@@ -79,9 +80,11 @@ def plan_worker_resources(*, num_workers: int, use_gpu: bool, cpus_per_worker: f
         else:
             cpus = cpus_per_worker
         resources = {"CPU": round(cpus, 3)}
-    if num_workers * resources["CPU"] + (0 if use_gpu else data_cpus) > total_cpus + 1e-6:
+    fewest = min_workers or num_workers  # elastic: the run can start with min_workers
+    if fewest * resources["CPU"] + (0 if use_gpu else data_cpus) > total_cpus + 1e-6:
+        what = f"scaling.min_workers={fewest}" if min_workers else f"scaling.num_workers={num_workers}"
         raise UserError(
-            f"scaling.num_workers={num_workers} x {resources['CPU']:g} CPUs (+ scaling.data_cpus={data_cpus:g}) "
+            f"{what} x {resources['CPU']:g} CPUs (+ scaling.data_cpus={data_cpus:g}) "
             f"needs more than this cluster's {total_cpus:g} CPUs and would wait forever; "
             f"lower scaling.num_workers or scaling.cpus_per_worker")
     threads = max(1, int(resources["CPU"] + 0.5))

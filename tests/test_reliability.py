@@ -182,7 +182,7 @@ def test_gpu_or_custom_resources_the_cluster_lacks_are_refused(ray_session, many
     runs = tmp_path / "runs"
     cases = [
         (["train", "data.name=digits", "scaling.use_gpu=true", f"run.storage_path={runs}"],
-         "training with scaling.num_workers=2 x {'CPU': 1.0, 'GPU': 1.0} needs 2 GPU (it has 0)"),
+         "training with 2 worker(s) x {'CPU': 1.0, 'GPU': 1.0} needs 2 GPU (it has 0)"),
         (["infer", "--checkpoint", str(ckpt), "--input", str(images / "d0"), "--output", str(tmp_path / "o1"),
           "infer.use_gpu=true"], "needs 1 GPU (it has 0)"),
         (["infer", "--checkpoint", str(ckpt), "--input", str(images / "d0"), "--output", str(tmp_path / "o2"),

@@ -86,3 +86,76 @@ def test_too_many_workers_is_refused_up_front(ray_session, tmp_path, capsys):
     rc = main(["train", "scaling.num_workers=3", "scaling.cpus_per_worker=1", f"run.storage_path={tmp_path}"])
     err = capsys.readouterr().err
     assert rc == 2 and "would wait forever" in err
+
+
+def _fit_within(cfg, seconds: float):
+    """fit() in a thread: a run that waits forever fails the test instead of hanging the suite."""
+    import threading
+
+    out: dict = {}
+
+    def run():
+        try:
+            out["summary"] = fit(cfg, echo=lambda line: None)
+        except BaseException as e:  # re-raised below, in the test's thread
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"training did not finish in {seconds:.0f} s: it waits for resources it cannot get"
+    if "error" in out:
+        raise out["error"]
+    return out["summary"]
+
+
+@pytest.mark.slow
+def test_streaming_training_beside_two_workers_does_not_wait_forever(ray_session, tmp_path):
+    """data.cache=false: decode tasks stream beside 2 workers (2 x 0.75 CPUs; 0.5 left for Ray Data).
+    A `select_columns` stage after decoding once added a whole-CPU Ray Data task that could never
+    be scheduled there: the run hung at epoch 1 without a word."""
+    s = _fit_within(load_config("train", None, [f"run.storage_path={tmp_path}", "run.name=stream", "data.cache=false",
+                                                "train.epochs=1", "scaling.num_workers=2"]), 240)
+    assert s.epochs == 1 and _epochs(tmp_path / "stream")[0]["val_count"] == 359
+
+
+def test_shard_cache_serves_every_row_once_per_epoch_in_fresh_order():
+    from raycv.data.presets import ClassificationTrainPreset
+    from raycv.train.worker import AugmentCollate, ShardCache
+
+    cache = ShardCache(limit_bytes=1e6)
+    collate = AugmentCollate(ClassificationTrainPreset(input_size=4, resize_size=4, augment="none"), cache)
+    import numpy as np
+
+    for start in range(0, 10, 4):  # what Ray Data hands the collate function during epoch 1
+        n = min(4, 10 - start)
+        collate({"image": np.full((n, 3, 4, 4), 0, np.uint8) + np.arange(start, start + n, dtype=np.uint8)[:, None, None, None],
+                 "label": np.arange(start, start + n)})
+    cache.seal()
+    assert cache.ready
+    g = torch.Generator().manual_seed(0)
+    orders = []
+    for _ in range(2):
+        batches = list(cache.batches(4, ClassificationTrainPreset(input_size=4, resize_size=4, augment="none"), g))
+        labels = torch.cat([b["label"] for b in batches])
+        assert sorted(labels.tolist()) == list(range(10))  # every row once
+        assert all(torch.equal(b["image"][:, 0, 0, 0].long(), b["label"]) for b in batches)  # images stay with labels
+        orders.append(labels.tolist())
+    assert orders[0] != orders[1]  # reshuffled every epoch
+
+    small = ShardCache(limit_bytes=100)  # over the limit: nothing kept, Ray Data keeps serving
+    small.add(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
+    small.seal()
+    assert not small.ready
+
+
+@pytest.mark.slow
+def test_elastic_workers_start_with_what_the_cluster_holds(ray_session, tmp_path):
+    """scaling.min_workers=1, num_workers=3 at 0.7 CPU each on 2 CPUs: three never fit, so a fixed
+    size would wait forever; Ray Train's elastic policy starts with what fits and the run finishes."""
+    s = _fit_within(load_config("train", None, [f"run.storage_path={tmp_path}", "run.name=elastic", "train.epochs=1",
+                                                "scaling.min_workers=1", "scaling.num_workers=3",
+                                                "scaling.cpus_per_worker=0.7"]), 240)
+    log = _epochs(tmp_path / "elastic")
+    assert s.epochs == 1 and log[0]["val_count"] == 359
+    assert 1 <= len(log[0]["worker_nodes"]) <= 2  # ranks that ran: fewer than the 3 asked for

@@ -63,9 +63,12 @@ def decode_batch(
     shape: tuple[int, int, int],
     errors: str = "raise",
     keep: tuple[str, ...] = ("label",),
+    with_path: bool = True,
 ) -> dict[str, np.ndarray]:
     """Ray Data map_batches fn: rows with `bytes` (or `image` HWC uint8, or only `path`) ->
-    `image` (N, C, H, W) uint8 after the preset's geometry (each of `shape`), plus the `keep` columns.
+    `image` (N, C, H, W) uint8 after the preset's geometry (each of `shape`), plus the `keep` columns
+    (and `path` unless `with_path=False`: dropping columns here, not in a `select_columns` stage,
+    avoids a separate whole-CPU task that cannot run beside training workers on a small machine).
 
     errors="raise" stops on the first bad file; errors="row" returns an `error` column (None on
     success) and a zero image for failed rows.
@@ -90,7 +93,7 @@ def decode_batch(
             images.append(None)
             messages.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
     stacked = np.stack([a if a is not None else np.zeros(shape, np.uint8) for a in images])
-    out = {"path": np.asarray(paths, dtype=object), "image": stacked}
+    out = {"path": np.asarray(paths, dtype=object), "image": stacked} if with_path else {"image": stacked}
     for col in keep:
         if col in batch:
             out[col] = batch[col]

@@ -106,6 +106,9 @@ class ClassificationTrainPreset:
 
     def augment_batch(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) uint8 -> (B, C, input_size, input_size) uint8, fresh randomness per image."""
+        if (self.augment == "none" and not self.hflip and not self.random_erasing
+                and batch.shape[-1] == batch.shape[-2] == self.input_size):
+            return batch  # nothing random to do: skip the per-image loop
         if self._augment is None:
             object.__setattr__(self, "_augment", self.augment_transform())
         return torch.stack([self._augment(img) for img in batch])

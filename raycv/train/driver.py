@@ -76,8 +76,8 @@ def make_presets(cfg: TrainConfig, mean, std) -> tuple[ClassificationTrainPreset
 
 
 def decoded(ds: ray.data.Dataset, preset, *, num_cpus: float, cache: bool) -> ray.data.Dataset:
-    ds = ds.map_batches(decode_batch, fn_kwargs={"geometry": preset.geometry, "shape": preset.shape},
-                        batch_size=64, num_cpus=num_cpus).select_columns(["image", "label"])
+    ds = ds.map_batches(decode_batch, fn_kwargs={"geometry": preset.geometry, "shape": preset.shape, "with_path": False},
+                        batch_size=64, num_cpus=num_cpus)
     return ds.materialize() if cache else ds
 
 
@@ -139,9 +139,9 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
     resources, threads = runtime.plan_worker_resources(
         num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
         gpus_per_worker=cfg.scaling.gpus_per_worker, data_cpus=cfg.scaling.data_cpus, total_cpus=budget.total,
-        free_cpus=budget.free, node_cpus=budget.largest_node)
-    runtime.check_can_hold({k: v * cfg.scaling.num_workers for k, v in resources.items()},
-                           f"training with scaling.num_workers={cfg.scaling.num_workers} x {resources}",
+        free_cpus=budget.free, node_cpus=budget.largest_node, min_workers=cfg.scaling.min_workers)
+    runtime.check_can_hold({k: v * cfg.scaling.fewest_workers for k, v in resources.items()},
+                           f"training with {cfg.scaling.fewest_workers} worker(s) x {resources}",
                            "lower scaling.num_workers or gpus_per_worker, or set scaling.use_gpu=false")
 
     splits = build_dataset(cfg.data)
@@ -152,7 +152,12 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
 
         init_from_checkpoint(model, cfg.model.init_from)
     echo(f"raycv: {cfg.model.name} on {cfg.data.name} ({splits.num_train} train / {splits.num_val} val images, "
-         f"{len(splits.classes)} classes), {cfg.scaling.num_workers} worker(s) x {resources}; run {run_dir}")
+         f"{len(splits.classes)} classes), "
+         f"{f'{cfg.scaling.min_workers}-' if cfg.scaling.min_workers else ''}{cfg.scaling.num_workers} worker(s) "
+         f"x {resources}; run {run_dir}")
+    # A shard small enough for the workers' own memory is also kept there after epoch 1 (ShardCache).
+    shard_mb = splits.num_train / cfg.scaling.fewest_workers * 3 * train_preset.resize_size ** 2 / 1e6
+    worker_cache = cfg.data.cache and 0 < shard_mb <= cfg.data.worker_cache_mb
     train_ds = decoded(splits.train, train_preset, num_cpus=cfg.data.decode_cpus, cache=cfg.data.cache)
     val_ds = decoded(splits.val, eval_preset, num_cpus=cfg.data.decode_cpus, cache=cfg.data.cache)
 
@@ -163,9 +168,11 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
             "cfg": cfg.model_dump(mode="json"), "classes": splits.classes, "run_dir": run_dir,
             "train_preset": {k: getattr(train_preset, k) for k in ("input_size", "resize_size", "augment", "hflip", "random_erasing", "mean", "std")},
             "eval_preset": eval_preset.to_dict(), "num_train": splits.num_train, "threads": threads,
-            "mlflow_tracking_uri": mlflow_uri,
+            "mlflow_tracking_uri": mlflow_uri, "worker_cache": worker_cache,
         },
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+        scaling_config=ScalingConfig(num_workers=(cfg.scaling.min_workers, cfg.scaling.num_workers)
+                                     if cfg.scaling.min_workers else cfg.scaling.num_workers,
+                                     use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.scaling.placement_strategy),
         run_config=RunConfig(

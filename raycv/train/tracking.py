@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ class RunLogger:
     def step(self, *, epoch: int, loss: float, lr: float) -> None:
         self.global_step += 1
         if self.every and self.global_step % self.every == 0:
-            self.steps.add({"epoch": epoch, "step": self.global_step, "loss": loss, "lr": lr})
+            self.steps.add({"epoch": epoch, "step": self.global_step, "loss": loss, "lr": lr, "time": time.time()})
             if self.writer is not None:
                 self.writer.add_scalar("train/loss_step", loss, self.global_step)
                 self.writer.add_scalar("train/lr", lr, self.global_step)

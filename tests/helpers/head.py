@@ -46,7 +46,7 @@ class Head:
              "--disable-usage-stats", *extra_args],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240  # a loaded 2-CPU machine has taken over 60 s to start a head
         while True:
             try:
                 urllib.request.urlopen(urllib.request.Request(f"{self.address}/api/version", headers=headers), timeout=2)
