@@ -102,13 +102,13 @@ def ray_documented(folder: Path, checkpoint: Path, batch: int, out: Path, size: 
     return time.perf_counter() - t0
 
 
-def raycv_infer(folder: Path, checkpoint: Path, batch: int, out: Path) -> float:
+def raycv_infer(folder: Path, checkpoint: Path, batch: int, out: Path, *overrides: str) -> float:
     from raycv.config import load_config
     from raycv.infer.pipeline import run_inference
 
     t0 = time.perf_counter()
     run_inference(load_config("infer", None, [f"infer.checkpoint={checkpoint}", f"infer.input={folder}",
-                                              f"infer.output={out}", f"infer.batch_size={batch}"]))
+                                              f"infer.output={out}", f"infer.batch_size={batch}", *overrides]))
     return time.perf_counter() - t0
 
 
@@ -172,7 +172,7 @@ def main() -> None:
     bare_s = bare_loop(paths[:n], ckpt, args.batch)
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
-    names = ("Ray documented pattern", "raycv infer")
+    names = ("Ray documented pattern", "raycv infer", "raycv infer, infer.decode_in_actor=true")
     times: dict[str, dict[int, float]] = {k: {} for k in names}
     memory: dict[str, dict[int, int]] = {k: {} for k in names}
     for count, folder in folders.items():
@@ -180,6 +180,9 @@ def main() -> None:
             with PeakMemory() as mem:
                 if name == "raycv infer":
                     times[name][count] = raycv_infer(folder, ckpt, args.batch, work / f"out-raycv-{count}")
+                elif name.startswith("raycv infer, "):
+                    times[name][count] = raycv_infer(folder, ckpt, args.batch, work / f"out-fused-{count}",
+                                                     "infer.decode_in_actor=true")
                 else:
                     times[name][count] = ray_documented(folder, ckpt, args.batch, work / f"out-ray-{count}", args.size)
             memory[name][count] = mem.peak

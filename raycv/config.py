@@ -146,6 +146,10 @@ class InferSection(_Section):
     path_column: str = "path"  # parquet inputs: the id / path column
     image_column: str = "image"  # parquet inputs: encoded image bytes
     rows_per_file: int = Field(100_000, ge=1)
+    # Decode inside the predictor actors instead of in separate Ray Data tasks. Separate tasks win when
+    # decoding is the bottleneck (they run beside the model); on a few CPUs with a compute-heavy model,
+    # decoding in the actor avoids decode processes preempting torch's threads (see bench/).
+    decode_in_actor: bool = False
 
     @model_validator(mode="after")
     def _actors(self) -> "InferSection":

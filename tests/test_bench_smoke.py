@@ -20,6 +20,6 @@ def test_infer_bench_smoke(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["results"]
     assert [row["contender"] for row in rows] == ["bare loop (1 process, all cores)", "Ray documented pattern",
-                                                   "raycv infer"]
+                                                   "raycv infer", "raycv infer, infer.decode_in_actor=true"]
     assert all(row["steady_images_per_second"] > 0 for row in rows) and rows[0]["ratio_vs_bare"] == 1.0
     assert all(row["peak_GiB_N"] > 0.1 and row["peak_GiB_scaleN"] > 0.1 for row in rows[1:])  # Ray + torch: > 100 MiB

@@ -59,8 +59,11 @@ def _plain_loop(checkpoint: Path, paths: list[str]) -> dict[str, tuple[str, floa
     return {p: (info.classes[int(i)], float(v)) for p, i, v in zip(paths, top.indices, top.values)}
 
 
-def test_predictions_match_a_plain_pytorch_loop(ray_session, checkpoint, digit_folder, tmp_path, capsys):
-    s = _infer(checkpoint, digit_folder, tmp_path / "out", "infer.batch_size=16")
+@pytest.mark.parametrize("decode_in_actor", [False, True], ids=["decode-tasks", "decode-in-actor"])
+def test_predictions_match_a_plain_pytorch_loop(ray_session, checkpoint, digit_folder, tmp_path, capsys,
+                                                decode_in_actor):
+    s = _infer(checkpoint, digit_folder, tmp_path / "out", "infer.batch_size=16",
+               f"infer.decode_in_actor={str(decode_in_actor).lower()}")
     assert "infer: 60/60 rows (100%)" in capsys.readouterr().err  # the progress line saw every batch
     inputs = sorted(str(p) for p in digit_folder.rglob("*.png"))
     assert (s.rows, s.errors) == (len(inputs), 0)
@@ -95,6 +98,7 @@ def test_schema_metadata_and_a_second_reader(ray_session, checkpoint, digit_fold
 
 
 def test_bad_files_become_error_rows(ray_session, checkpoint, digit_folder, tmp_path):
+    """(With infer.decode_in_actor=true, so that path's error rows are covered too.)"""
     folder = tmp_path / "mixed"
     good = sorted(digit_folder.rglob("*.png"))[:10]
     for p in good:
@@ -106,7 +110,7 @@ def test_bad_files_become_error_rows(ray_session, checkpoint, digit_folder, tmp_
     jpg = folder / "whole.jpg"
     Image.new("RGB", (40, 40), (9, 99, 199)).save(jpg)
     (folder / "truncated.jpg").write_bytes(jpg.read_bytes()[:200])
-    s = _infer(checkpoint, folder, tmp_path / "out")
+    s = _infer(checkpoint, folder, tmp_path / "out", "infer.decode_in_actor=true")
     assert (s.rows, s.errors, s.ok) == (15, 4, 11)
     rows = {Path(r["path"]).name: r for r in read_output(str(tmp_path / "out")).to_pylist()}
     for bad in ("zero.png", "text.jpg", "random.png", "truncated.jpg"):

@@ -127,9 +127,13 @@ def run_inference(cfg: InferConfig) -> InferSummary:
             predictor_kwargs["counter"] = counter
             progress = ProgressLine(counter, inputs.count)
             preset = spec.preprocess
-            ds = inputs.ds.map_batches(
-                decode_batch, fn_kwargs={"geometry": preset.geometry, "shape": preset.shape, "errors": "row", "keep": ()},
-                batch_size=cfg.infer.batch_size, num_cpus=decode_cpus)
+            decode = {"geometry": preset.geometry, "shape": preset.shape, "errors": "row", "keep": ()}
+            if cfg.infer.decode_in_actor:
+                ds = inputs.ds
+                predictor_kwargs["decode"] = decode
+            else:
+                ds = inputs.ds.map_batches(decode_batch, fn_kwargs=decode, batch_size=cfg.infer.batch_size,
+                                           num_cpus=decode_cpus)
             ds = ds.map_batches(
                 ClassificationPredictor, fn_constructor_kwargs=predictor_kwargs, batch_size=cfg.infer.batch_size,
                 compute=ray.data.ActorPoolStrategy(min_size=cfg.infer.min_actors, max_size=cfg.infer.max_actors),

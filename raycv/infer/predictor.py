@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from raycv.data.decode import decode_batch
 from raycv.data.presets import ClassificationEvalPreset
 from raycv.infer.schema import classification_schema
 from raycv.models import get_model, last_linear_name
@@ -18,7 +19,7 @@ from raycv.train.checkpoint import load_model
 class ClassificationPredictor:
     def __init__(self, *, checkpoint: str | None, model_name: str, model_kwargs: dict[str, Any],
                  weights: str | None, torch_home: str | None, classes: list[str], preprocess: dict, topk: int, embedding: bool, threads: int, use_gpu: bool,
-                 schema_metadata: dict[str, str], counter=None):
+                 schema_metadata: dict[str, str], counter=None, decode: dict[str, Any] | None = None):
         # Ray starts workers with one intra-op thread; an actor given k CPUs should use k.
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -39,10 +40,13 @@ class ClassificationPredictor:
             head.register_forward_hook(lambda mod, inp, out: self.features.append(inp[0].detach()))
             self.embedding_dim = head.in_features
         self.counter = counter  # a RowCounter actor, for the driver's progress line
+        self.decode = decode  # decode_batch's arguments, when decoding happens here (infer.decode_in_actor)
         self.schema = classification_schema(self.embedding_dim).with_metadata(schema_metadata)
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if self.decode is not None:
+            batch = decode_batch(batch, **self.decode)
         paths = batch["path"]
         # An all-success batch may reach us as NaNs or Nones: only a non-empty string is an error.
         errors = [e if isinstance(e, str) and e else None for e in batch["error"]]
