@@ -80,7 +80,7 @@ class AugmentCollate(NumpyBatchCollateFn):
         images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))  # (B, C, S, S) uint8
         labels = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64))
         if self.cache is not None:
-            self.cache.add(images, labels)  # augment_batch below returns new tensors: these stay as decoded
+            self.cache.add(images, labels)  # kept as decoded: augment_batch and training never modify in place
         if self.preset is not None:
             images = self.preset.augment_batch(images)  # (B, C, H, W) uint8
         return {"image": images, "label": labels}
