@@ -15,9 +15,9 @@ class ConfigError(UserError):
 _REMOTE_USER_ERROR = re.compile(r"raycv\.errors\.(?:UserError|ConfigError): ([^\n]+)")
 
 
-def find_user_error(exc: BaseException) -> UserError | None:
-    """The UserError behind an exception that crossed Ray (task, actor and Train worker errors
-    wrap the original), or None. Lets the CLI print a worker's bad-input error as one line."""
+def _chain(exc: BaseException):
+    """Every exception behind `exc`, once each: causes, contexts, Ray's wrapped `cause`, and Ray
+    Train's per-worker failures."""
     seen: set[int] = set()
     stack: list[BaseException] = [exc]
     while stack:
@@ -25,19 +25,25 @@ def find_user_error(exc: BaseException) -> UserError | None:
         if id(e) in seen:
             continue
         seen.add(id(e))
-        cause = getattr(e, "cause", None)
-        if isinstance(e, UserError) and not isinstance(cause, BaseException):
-            return e
-        for nxt in (cause, e.__cause__, e.__context__):
+        yield e
+        for nxt in (getattr(e, "cause", None), e.__cause__, e.__context__):
             if isinstance(nxt, BaseException):
                 stack.append(nxt)
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            stack.extend(v for v in failures.values() if isinstance(v, BaseException))
+
+
+def find_user_error(exc: BaseException) -> UserError | None:
+    """The UserError behind an exception that crossed Ray (task, actor and Train worker errors
+    wrap the original), or None. Lets the CLI print a worker's bad-input error as one line."""
+    for e in _chain(exc):
+        if isinstance(e, UserError) and not isinstance(getattr(e, "cause", None), BaseException):
+            return e
         # Ray Data task errors cross process boundaries as text: the original is in the message.
         m = _REMOTE_USER_ERROR.search(str(e))
         if m:
             return UserError(m.group(1).strip())
-        failures = getattr(e, "worker_failures", None)
-        if isinstance(failures, dict):
-            stack.extend(v for v in failures.values() if isinstance(v, BaseException))
     return None
 
 
@@ -52,19 +58,10 @@ _STORAGE_TEXT = re.compile(r"No space left on device|Disk quota exceeded|Read-on
 
 def find_storage_error(exc: BaseException) -> str | None:
     """A short reason when an exception (maybe wrapped by Ray) comes from the storage, else None."""
-    seen: set[int] = set()
-    stack: list[BaseException] = [exc]
-    while stack:
-        e = stack.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in _chain(exc):
         if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
             return _STORAGE_ERRNOS[e.errno]
         m = _STORAGE_TEXT.search(str(e))
         if m:
             return m.group(0).lower()
-        for nxt in (getattr(e, "cause", None), e.__cause__, e.__context__):
-            if isinstance(nxt, BaseException):
-                stack.append(nxt)
     return None

@@ -238,7 +238,7 @@ def _mlflow_artifacts(tracking_uri: str, run_dir: str, echo: Callable[[str], Non
     import os
     import tempfile
 
-    from raycv.train.tracking import MLFLOW_RUN_ID
+    from raycv.train.tracking import MLFLOW_RUN_ID, allow_file_store
 
     run_id = (fsio.read_text(fsio.join(run_dir, MLFLOW_RUN_ID)) or "").strip()
     if not run_id:
@@ -246,8 +246,7 @@ def _mlflow_artifacts(tracking_uri: str, run_dir: str, echo: Callable[[str], Non
     try:
         from mlflow.tracking import MlflowClient
 
-        if tracking_uri.startswith("file:") or "://" not in tracking_uri:
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        allow_file_store(tracking_uri)
         client = MlflowClient(tracking_uri)
         with tempfile.TemporaryDirectory(prefix="raycv-mlflow-") as tmp:
             for name in ("curves.png", "summary.json", METRICS_LOG):

@@ -118,6 +118,15 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def allow_file_store(tracking_uri: str) -> None:
+    """MLflow 3 keeps its file store in maintenance mode behind MLFLOW_ALLOW_FILE_STORE; a path or
+    file: URI as the tracking URI is the user's explicit choice of it."""
+    import os
+
+    if tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
 def open_mlflow(run_dir: str, *, tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any]):
     """Start (or, on resume, continue) this run's MLflow run through Ray's `setup_mlflow`; return
     the mlflow module. Params are logged once: a resumed run may change values such as
@@ -126,9 +135,7 @@ def open_mlflow(run_dir: str, *, tracking_uri: str, experiment: str, run_name: s
 
     from ray.air.integrations.mlflow import setup_mlflow
 
-    if tracking_uri.startswith("file:") or "://" not in tracking_uri:
-        # MLflow 3 keeps its file store in maintenance mode behind this switch; a path is the user's choice
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    allow_file_store(tracking_uri)
     id_file = fsio.join(run_dir, MLFLOW_RUN_ID)
     existing = (fsio.read_text(id_file) or "").strip()
     if existing:
