@@ -195,3 +195,4 @@ def test_gpu_or_custom_resources_the_cluster_lacks_are_refused(ray_session, many
         assert rc == 2 and len(err) == 1, (argv, err)
         assert message in err[0] and "no autoscaler that could add them" in err[0], err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert not runs.exists() or not any(runs.iterdir())  # the refused training left no run directory

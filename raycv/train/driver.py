@@ -129,12 +129,6 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
     name = cfg.run.name or default_run_name(cfg)
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name, "storage_path": storage})})
     run_dir = fsio.join(storage, name)  # a local folder, a shared mount, or an object-storage URI
-    try:
-        fsio.make_dirs(run_dir)
-        fsio.write_text(fsio.join(run_dir, "config.yaml"), to_yaml(cfg))
-    except OSError as e:
-        raise UserError(f"cannot write the run directory {run_dir}: {str(e).splitlines()[0]}") from None
-
     budget = runtime.cpu_budget()
     resources, threads = runtime.plan_worker_resources(
         num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
@@ -143,6 +137,11 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
     runtime.check_can_hold({k: v * cfg.scaling.fewest_workers for k, v in resources.items()},
                            f"training with {cfg.scaling.fewest_workers} worker(s) x {resources}",
                            "lower scaling.num_workers or gpus_per_worker, or set scaling.use_gpu=false")
+    try:  # after the checks above: a refused request leaves no run directory behind
+        fsio.make_dirs(run_dir)
+        fsio.write_text(fsio.join(run_dir, "config.yaml"), to_yaml(cfg))
+    except OSError as e:
+        raise UserError(f"cannot write the run directory {run_dir}: {str(e).splitlines()[0]}") from None
 
     splits = build_dataset(cfg.data)
     train_preset, eval_preset = make_presets(cfg, splits.mean, splits.std)
