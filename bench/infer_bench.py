@@ -155,6 +155,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64, help="model input side, pixels")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--json", default="bench/results/infer.json")
+    ap.add_argument("--only", default="documented,raycv,decode_in_actor",
+                    help="comma-separated Ray contenders to run (documented, raycv, decode_in_actor)")
     args = ap.parse_args()
 
     import ray
@@ -172,7 +174,12 @@ def main() -> None:
     bare_s = bare_loop(paths[:n], ckpt, args.batch)
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
-    names = ("Ray documented pattern", "raycv infer", "raycv infer, infer.decode_in_actor=true")
+    keys = {"documented": "Ray documented pattern", "raycv": "raycv infer",
+            "decode_in_actor": "raycv infer, infer.decode_in_actor=true"}
+    unknown = set(args.only.split(",")) - set(keys)
+    if unknown:
+        ap.error(f"--only: unknown contender(s) {', '.join(sorted(unknown))} (valid: {', '.join(keys)})")
+    names = tuple(v for k, v in keys.items() if k in args.only.split(","))
     times: dict[str, dict[int, float]] = {k: {} for k in names}
     memory: dict[str, dict[int, int]] = {k: {} for k in names}
     for count, folder in folders.items():

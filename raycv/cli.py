@@ -1,4 +1,4 @@
-"""`raycv train | infer | evaluate | submit | jobs | report | models | datasets`: parse, call, exit.
+"""`raycv train | infer | evaluate | draw | submit | jobs | report | models | datasets`: parse, call, exit.
 
 Every job verb takes `--config FILE` and dotted `key=value` overrides. A user error prints one
 line on stderr and exits with status 2, never a traceback.
@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", required=True, help="Parquet predictions written by `raycv infer`")
     p.add_argument("--labels", help="labelled source (default: the labels in the predictions' paths' folders)")
     p.add_argument("--output", help="folder for metrics.json and confusion_matrix.png")
+    p = sub.add_parser("draw", help="draw predictions onto their images (mask overlays, labels) as PNGs to look at")
+    p.add_argument("--predictions", required=True, help="Parquet predictions written by `raycv infer`")
+    p.add_argument("--output", required=True, help="folder for the PNGs")
+    p.add_argument("--limit", type=int, default=16, help="draw the first N rows by path (default 16)")
     p = sub.add_parser("submit", help="run train/infer/evaluate on a Ray cluster as a Ray job",
                        description="Validate a train/infer/evaluate invocation here, then submit it as a Ray job. "
                                    "Example: raycv submit --address http://127.0.0.1:8265 --wait train train.epochs=3")
@@ -67,15 +71,20 @@ def cmd_train(args) -> int:
 
     cfg = load_config("train", args.config, args.overrides)
     s = fit(cfg)
-    acc = f"{s.val_accuracy:.4f}" if s.val_accuracy is not None else "n/a"
-    top5 = f"{s.val_top5:.4f}" if s.val_top5 is not None else "n/a"
     ips = f"{s.images_per_second:,.0f}" if s.images_per_second else "n/a"
-    print(f"done: val top-1 {acc}, top-5 {top5} (best checkpoint), {ips} train images/s, "
-          f"{s.epochs} epochs, {s.wall_seconds:.0f} s")
+    if s.task == "classification":
+        acc = f"{s.val_accuracy:.4f}" if s.val_accuracy is not None else "n/a"
+        top5 = f"{s.val_top5:.4f}" if s.val_top5 is not None else "n/a"
+        quality = f"val top-1 {acc}, top-5 {top5}"
+    else:
+        from raycv.tasks import shown
+
+        quality = ", ".join(f"val {label} {value:.4f}" for label, value in shown(s.metrics or {})) or "n/a"
+    print(f"done: {quality} (best checkpoint), {ips} train images/s, {s.epochs} epochs, {s.wall_seconds:.0f} s")
     if s.resumed_from_epoch:
         print(f"resumed from the epoch-{s.resumed_from_epoch} checkpoint of this run")
     if s.early_stopped:
-        print(f"stopped early after epoch {s.epochs}: no better {cfg.train.checkpoint_metric} for "
+        print(f"stopped early after epoch {s.epochs}: no better {s.checkpoint_metric} for "
               f"{cfg.train.early_stop_patience} epoch(s)")
     if s.curves:
         print(f"curves:          {s.curves}")
@@ -109,9 +118,19 @@ def cmd_evaluate(args) -> int:
     from raycv.infer.evaluate import evaluate_predictions
 
     report = evaluate_predictions(args.predictions, labels=args.labels, output=args.output)
-    print(json.dumps({k: report[k] for k in ("rows", "scored", "top1", "top5")}))
+    keys = ("rows", "scored", "miou", "pixel_accuracy") if report["task"] == "segmentation" else \
+        ("rows", "scored", "top1", "top5")
+    print(json.dumps({k: report[k] for k in keys}))
     if args.output:
         print(f"report: {args.output}")
+    return 0
+
+
+def cmd_draw(args) -> int:
+    from raycv.infer.draw import draw_predictions
+
+    written = draw_predictions(args.predictions, args.output, limit=args.limit)
+    print(f"drew {len(written)} image(s) into {args.output}")
     return 0
 
 
@@ -196,11 +215,11 @@ def cmd_datasets(args) -> int:
     from raycv.data import list_datasets
 
     for e in list_datasets():
-        print(f"{e.name:<14} {'(needs data.root) ' if e.needs_root else ''}{e.description}")
+        print(f"{e.name:<20} {e.task:<15} {'(needs data.root) ' if e.needs_root else ''}{e.description}")
     return 0
 
 
-COMMANDS: dict[str, Callable] = {"train": cmd_train, "infer": cmd_infer, "evaluate": cmd_evaluate,
+COMMANDS: dict[str, Callable] = {"train": cmd_train, "infer": cmd_infer, "evaluate": cmd_evaluate, "draw": cmd_draw,
                                  "submit": cmd_submit, "jobs": cmd_jobs, "report": cmd_report, "models": cmd_models,
                                  "datasets": cmd_datasets}
 

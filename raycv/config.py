@@ -74,7 +74,8 @@ class TrainSection(_Section):
     step_epochs: int = Field(30, ge=1)  # step schedule: decay every this many epochs
     step_gamma: float = Field(0.1, gt=0.0, le=1.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    checkpoint_metric: Literal["val_accuracy", "val_top5", "val_loss"] = "val_accuracy"
+    # ranks checkpoints (best N kept, early stopping); default: the task's (val_accuracy; segmentation val_miou)
+    checkpoint_metric: Literal["val_accuracy", "val_top5", "val_loss", "val_miou", "val_pixel_accuracy"] | None = None
     keep_checkpoints: int = Field(2, ge=1)  # best N by checkpoint_metric (the latest is always kept)
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint (-1: forever)
     seed: int = 0

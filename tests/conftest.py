@@ -57,6 +57,27 @@ def ray_session():
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def digits_run(ray_session, tmp_path_factory):
+    """One 2-worker, 2-epoch digits run on the session cluster, made once (each fit costs ~40 s on
+    2 CPUs): test_train checks it and resumes it, test_multinode compares a two-node run with it.
+    `log` and `printed` are snapshots taken when the run ended (a later resume appends to the files)."""
+    import json
+    from types import SimpleNamespace
+
+    from raycv.config import load_config
+    from raycv.train.driver import fit
+
+    storage = tmp_path_factory.mktemp("digits-run")
+    overrides = [f"run.storage_path={storage}", "run.name=digits-e2e", "train.epochs=2", "scaling.num_workers=2",
+                 "train.keep_checkpoints=1", "train.seed=3"]
+    printed: list[str] = []
+    summary = fit(load_config("train", None, overrides), echo=printed.append)
+    run_dir = storage / "digits-e2e"
+    log = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return SimpleNamespace(summary=summary, printed=printed, log=log, run_dir=run_dir, overrides=overrides)
+
+
 def write_image(path: Path, rng: np.random.Generator, size=(24, 24), color=None, mode="RGB") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)

@@ -77,6 +77,7 @@ def test_cli_config_error_is_one_line_exit_2():
 def test_cli_lists_models_and_datasets():
     r = subprocess.run([sys.executable, "-m", "raycv.cli", "models"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "simple_cnn" in r.stdout and "resnet18_cifar" in r.stdout and "resnet50" in r.stdout
+    assert any(ln.split()[:2] == ["deeplabv3_resnet50", "segmentation"] for ln in r.stdout.splitlines())
     r = subprocess.run([sys.executable, "-m", "raycv.cli", "datasets"], capture_output=True, text=True, timeout=120)
-    for name in ("digits", "shapes", "image_folder", "cifar10", "parquet"):
+    for name in ("digits", "shapes", "image_folder", "cifar10", "parquet", "shapes_segmentation", "voc_segmentation"):
         assert name in r.stdout

@@ -9,7 +9,8 @@ from raycv.models import get_model, list_models, register_model
 
 # The whole raycv registry plus a CPU-sized cross-section of torchvision's families.
 TORCHVISION_SUBSET = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5", "squeezenet1_1",
-                      "regnet_x_400mf", "densenet121", "convnext_tiny"]
+                      "regnet_x_400mf", "densenet121", "convnext_tiny", "lraspp_mobilenet_v3_large",
+                      "deeplabv3_mobilenet_v3_large"]
 OWN = [e.name for e in list_models() if e.source == "raycv"]
 
 
@@ -21,7 +22,11 @@ def test_forward_shape_and_finite(name):
     model = get_model(name, num_classes=7).eval()
     with torch.no_grad():
         out = model(torch.randn(2, 3, size, size))
-    assert out.shape == (2, 7)
+    if entry.task == "segmentation":  # torchvision's output dict, logits at the input size
+        out = out["out"]
+        assert out.shape == (2, 7, size, size)
+    else:
+        assert out.shape == (2, 7)
     assert torch.isfinite(out).all()
 
 

@@ -14,17 +14,15 @@ import pytest
 
 from conftest import N_MANY
 
-from raycv.config import load_config
 from raycv.infer.output import read_output
-from raycv.train.driver import fit
 
 HELPER = Path(__file__).parent / "helpers" / "multinode_train.py"
 NODE_LOSS = Path(__file__).parent / "helpers" / "node_loss_infer.py"
-COMMON = ["train.epochs=2", "scaling.num_workers=2", "train.seed=3", "run.name=mn"]
+COMMON = ["train.epochs=2", "scaling.num_workers=2", "train.seed=3", "run.name=mn"]  # as the digits_run fixture
 
 
 @pytest.mark.slow
-def test_two_workers_on_two_nodes_match_one_node(tmp_path, ray_session):
+def test_two_workers_on_two_nodes_match_one_node(tmp_path, digits_run):
     r = subprocess.run([sys.executable, str(HELPER), str(tmp_path / "multi"), *COMMON,
                         "scaling.placement_strategy=STRICT_SPREAD"], capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -37,8 +35,7 @@ def test_two_workers_on_two_nodes_match_one_node(tmp_path, ray_session):
     multi = out["summary"]
     assert multi["epochs"] == 2 and Path(multi["best_checkpoint"], "model.pt").is_file()
 
-    one = fit(load_config("train", None, [*COMMON, f"run.storage_path={tmp_path / 'one'}"]), echo=lambda s: None)
-    one_log = [json.loads(ln) for ln in (tmp_path / "one" / "mn" / "metrics.jsonl").read_text().splitlines()]
+    one, one_log = digits_run.summary, digits_run.log  # the same recipe on the one-node session cluster
     assert len(set(one_log[-1]["worker_nodes"])) == 1  # the session cluster has one node
     # Same data, model, seed and world size; batch order differs (shuffling), so: close, not equal.
     assert one.val_accuracy > 0.8 and multi["val_accuracy"] > 0.8

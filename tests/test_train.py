@@ -19,14 +19,10 @@ def _epochs(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_workers_train_checkpoint_and_resume(ray_session, tmp_path):
-    overrides = [f"run.storage_path={tmp_path}", "run.name=digits-e2e", "train.epochs=2", "scaling.num_workers=2",
-                 "train.keep_checkpoints=1"]
-    printed: list[str] = []
-    s = fit(load_config("train", None, overrides), echo=printed.append)
+def test_two_workers_train_checkpoint_and_resume(digits_run):
+    s, printed, log, run_dir = digits_run.summary, digits_run.printed, digits_run.log, digits_run.run_dir
     assert [line.split()[1] for line in printed if line.startswith("epoch")] == ["1/2", "2/2"]
-    run_dir = tmp_path / "digits-e2e"
-    log = _epochs(run_dir)
+    assert _epochs(run_dir)[:2] == log
     assert [r["epoch"] for r in log] == [1, 2]
     assert all(r["val_count"] == 359 for r in log)  # every validation image counted exactly once over 2 ranks
     assert s.epochs == 2 and s.val_accuracy > 0.5  # 2 epochs of digits: well above chance (0.1)
@@ -48,8 +44,8 @@ def test_two_workers_train_checkpoint_and_resume(ray_session, tmp_path):
     assert (run_dir / "config.yaml").is_file()
 
     # Same run.name, more epochs: continues at epoch 3 from the epoch-2 checkpoint; 1-2 untouched.
-    printed.clear()
-    s2 = fit(load_config("train", None, overrides[:2] + ["train.epochs=3", "scaling.num_workers=2"]),
+    printed = []
+    s2 = fit(load_config("train", None, digits_run.overrides[:2] + ["train.epochs=3", "scaling.num_workers=2"]),
              echo=printed.append)
     assert [line.split()[1] for line in printed if line.startswith("epoch")] == ["3/3"]
     log2 = _epochs(run_dir)

@@ -64,6 +64,7 @@ def decode_batch(
     errors: str = "raise",
     keep: tuple[str, ...] = ("label",),
     with_path: bool = True,
+    with_size: bool = False,
 ) -> dict[str, np.ndarray]:
     """Ray Data map_batches fn: rows with `bytes` (or `image` HWC uint8, or only `path`) ->
     `image` (N, C, H, W) uint8 after the preset's geometry (each of `shape`), plus the `keep` columns
@@ -71,13 +72,15 @@ def decode_batch(
     avoids a separate whole-CPU task that cannot run beside training workers on a small machine).
 
     errors="raise" stops on the first bad file; errors="row" returns an `error` column (None on
-    success) and a zero image for failed rows.
+    success) and a zero image for failed rows. `with_size` adds the original `height` and `width`
+    (segmentation predictions are resized back to them).
     """
     from raycv.data.io import read_bytes
 
     paths = batch["path"]
     images: list[np.ndarray | None] = []
     messages: list[str | None] = []
+    sizes: list[tuple[int, int]] = []
     for i, path in enumerate(paths):
         try:
             if "image" in batch:
@@ -85,11 +88,13 @@ def decode_batch(
             else:
                 data = batch["bytes"][i] if "bytes" in batch else None
                 img = open_rgb(data if data is not None else read_bytes(str(path)))
+            sizes.append((img.height, img.width))
             images.append(np.asarray(geometry(img)))
             messages.append(None)
         except Exception as e:
             if errors == "raise":
                 raise UserError(f"cannot decode {path}: {e}") from None
+            sizes.append((0, 0))
             images.append(None)
             messages.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
     stacked = np.stack([a if a is not None else np.zeros(shape, np.uint8) for a in images])
@@ -99,4 +104,47 @@ def decode_batch(
             out[col] = batch[col]
     if errors != "raise":
         out["error"] = np.asarray(messages, dtype=object)
+    if with_size:
+        out["height"] = np.asarray([h for h, _ in sizes], dtype=np.int32)
+        out["width"] = np.asarray([w for _, w in sizes], dtype=np.int32)
     return out
+
+
+def open_mask(data: bytes) -> Image.Image:
+    """A class mask (a palette or grayscale PNG whose pixel values are class indices, as VOC's
+    SegmentationClass) -> a PIL image of mode L with those values."""
+    try:
+        m = Image.open(io.BytesIO(data))
+        m.load()
+    except Exception as e:
+        raise ValueError(f"not a decodable mask ({type(e).__name__}: {e})") from None
+    if m.mode not in ("P", "L"):
+        raise ValueError(f"a class mask must be a palette (P) or grayscale (L) PNG of class indices, not mode {m.mode}")
+    return Image.frombytes("L", m.size, m.tobytes()) if m.mode == "P" else m  # P: keep the indices, drop the palette
+
+
+def decode_pairs(batch: dict[str, np.ndarray], *, preset) -> dict[str, np.ndarray]:
+    """Ray Data map_batches fn for segmentation training: rows with `path`/`bytes` (the image) and
+    `mask_path`/`mask_bytes` -> `image` (N, C, S, S) uint8 and `mask` (N, S, S) uint8 at the preset's
+    size. A bad image or mask, or one whose size differs from its image, stops the run naming it."""
+    from raycv.data.io import read_bytes
+
+    images, masks = [], []
+    for i, path in enumerate(batch["path"]):
+        mask_path = batch["mask_path"][i]
+        try:
+            data = batch["bytes"][i] if "bytes" in batch else read_bytes(str(path))
+            img = open_rgb(data)
+        except Exception as e:
+            raise UserError(f"cannot decode {path}: {e}") from None
+        try:
+            mdata = batch["mask_bytes"][i] if "mask_bytes" in batch else read_bytes(str(mask_path))
+            mask = open_mask(mdata)
+        except Exception as e:
+            raise UserError(f"cannot decode mask {mask_path}: {e}") from None
+        if mask.size != img.size:
+            raise UserError(f"mask {mask_path} is {mask.size[0]}x{mask.size[1]} but its image {path} is "
+                            f"{img.size[0]}x{img.size[1]}")
+        images.append(np.asarray(preset.geometry(img)))
+        masks.append(np.asarray(preset.mask_geometry(mask)))
+    return {"image": np.stack(images), "mask": np.stack(masks)}

@@ -115,3 +115,109 @@ class ClassificationTrainPreset:
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         return normalize(batch, self.mean, self.std)
+
+
+# ----------------------------------------------------------------------------------------------
+# Semantic segmentation: the image and its class mask go through the same geometry. Images are
+# resized to squares (bilinear), masks with nearest-neighbour (class indices never blend);
+# torchvision.transforms.v2 moves a `tv_tensors.Mask` with its image through every augmentation.
+# ----------------------------------------------------------------------------------------------
+
+IGNORE_INDEX = 255  # VOC's "void" label: pixels that count for neither loss nor metrics
+
+
+def _square(size: int, nearest: bool = False) -> v2.Resize:
+    # antialias only applies to bilinear tensors (PIL always antialiases; masks are always nearest)
+    return v2.Resize((size, size), interpolation=v2.InterpolationMode.NEAREST if nearest else
+                     v2.InterpolationMode.BILINEAR, antialias=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SegmentationEvalPreset:
+    input_size: int  # the image is resized to an input_size square; predictions are resized back
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    task = "segmentation"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (3, self.input_size, self.input_size)
+
+    def geometry(self, img) -> torch.Tensor:
+        return v2.functional.pil_to_tensor(_square(self.input_size)(img))
+
+    def mask_geometry(self, mask) -> torch.Tensor:
+        """A PIL class mask (mode P or L) -> (H, W) uint8 at the preset's size."""
+        return v2.functional.pil_to_tensor(_square(self.input_size, nearest=True)(mask))[0]
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        return normalize(batch, self.mean, self.std)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.task, "input_size": self.input_size, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SegmentationEvalPreset":
+        return cls(input_size=int(d["input_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SegmentationTrainPreset:
+    input_size: int
+    resize_size: int  # image and mask are stored (decoded once) as resize_size squares
+    augment: str = "light"  # none | light | standard
+    hflip: bool = True
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    _augment: v2.Compose | None = field(default=None, init=False, repr=False, compare=False)
+
+    AUGMENTS = ("none", "light", "standard")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (3, self.resize_size, self.resize_size)
+
+    def geometry(self, img) -> torch.Tensor:
+        return v2.functional.pil_to_tensor(_square(self.resize_size)(img))
+
+    def mask_geometry(self, mask) -> torch.Tensor:
+        return v2.functional.pil_to_tensor(_square(self.resize_size, nearest=True)(mask))[0]
+
+    def augment_transform(self) -> v2.Compose:
+        size = self.input_size
+        if self.augment == "none":
+            steps: list = [_square(size)]
+        elif self.augment == "light":
+            steps = [v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True)]
+        elif self.augment == "standard":  # after torchvision's references/segmentation presets
+            steps = [v2.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True),
+                     v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3)]
+        else:
+            raise ValueError(f"augment {self.augment!r} is not available for segmentation "
+                             f"(valid: {', '.join(self.AUGMENTS)})")
+        if self.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        return v2.Compose(steps)
+
+    def augment_pairs(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, S, S) uint8 images and (B, S, S) uint8 masks -> the same at input_size, each pair
+        through one draw of the random geometry."""
+        from torchvision import tv_tensors
+
+        if self.augment == "none" and not self.hflip and images.shape[-1] == self.input_size:
+            return images, masks
+        if self._augment is None:
+            object.__setattr__(self, "_augment", self.augment_transform())
+        pairs = [self._augment(tv_tensors.Image(i), tv_tensors.Mask(m)) for i, m in zip(images, masks)]
+        return torch.stack([p[0].as_subclass(torch.Tensor) for p in pairs]), \
+            torch.stack([p[1].as_subclass(torch.Tensor) for p in pairs])
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        return normalize(batch, self.mean, self.std)
+
+
+def eval_preset_from_dict(d: dict):
+    """A stored eval preset (checkpoints, Parquet metadata): segmentation ones say so in `kind`."""
+    if d.get("kind") == "segmentation":
+        return SegmentationEvalPreset.from_dict(d)
+    return ClassificationEvalPreset.from_dict(d)

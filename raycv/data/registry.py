@@ -15,7 +15,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class DatasetSplits:
-    """What every source returns: undecoded rows (`path`, `label`, and `bytes` or `image`)."""
+    """What every source returns: undecoded rows. Classification: `path`, `label`, and `bytes` or
+    `image`; segmentation: `path`, `mask_path`, and `bytes` / `mask_bytes` when the files travel
+    with the job. `classes` of a segmentation set start with the background class (index 0)."""
 
     classes: list[str]
     train: "ray.data.Dataset"
@@ -32,16 +34,17 @@ class DatasetEntry:
     builder: Callable[["DataSection"], DatasetSplits]
     description: str
     needs_root: bool  # the user points data.root at their files
+    task: str = "classification"  # or "segmentation": what the rows' targets are
 
 
 _DATASETS: dict[str, DatasetEntry] = {}
 
 
-def register_dataset(name: str, *, description: str, needs_root: bool = False):
+def register_dataset(name: str, *, description: str, needs_root: bool = False, task: str = "classification"):
     def wrap(builder):
         if name in _DATASETS:
             raise ValueError(f"dataset {name!r} is already registered")
-        _DATASETS[name] = DatasetEntry(name, builder, description, needs_root)
+        _DATASETS[name] = DatasetEntry(name, builder, description, needs_root, task)
         return builder
 
     return wrap

@@ -15,12 +15,12 @@ import torch
 from raycv import runtime
 from raycv.config import InferConfig
 from raycv.data.decode import decode_batch
-from raycv.data.presets import ClassificationEvalPreset
+from raycv.data.presets import ClassificationEvalPreset, SegmentationEvalPreset
 from raycv.errors import UserError, find_storage_error
 from raycv.infer.output import OutputLocation
-from raycv.infer.predictor import ClassificationPredictor
+from raycv.infer.predictor import PREDICTORS
 from raycv.infer.progress import ProgressLine, RowCounter
-from raycv.infer.schema import classification_schema, file_metadata
+from raycv.infer.schema import file_metadata, output_schema
 from raycv.infer.source import open_input
 from raycv.train import checkpoint as ckpt
 
@@ -44,10 +44,11 @@ class ModelSpec:
     name: str
     kwargs: dict
     classes: list[str]
-    preprocess: ClassificationEvalPreset
+    preprocess: ClassificationEvalPreset | SegmentationEvalPreset
     weights: str | None
     checkpoint: str | None
-    embedding_dim: int  # input features of the classifier head: the `embedding` column's size
+    embedding_dim: int  # input features of the classifier head: the `embedding` column's size (0: none)
+    task: str = "classification"
 
 
 def load_spec(cfg: InferConfig) -> ModelSpec:
@@ -55,25 +56,30 @@ def load_spec(cfg: InferConfig) -> ModelSpec:
         directory = ckpt.resolve_checkpoint(cfg.infer.checkpoint)
         model, info = ckpt.load_model(directory)  # fail here, not in the actors: files present, weights fit
         return ModelSpec(info.model_name, info.model_kwargs, info.classes, info.preprocess, None, str(directory),
-                         _head_features(model))
+                         _head_features(model, info.task), info.task)
     if not cfg.model.weights:
         raise UserError("give --checkpoint, or model.name with model.weights (pretrained torchvision weights)")
-    from raycv.models import get_model
+    from raycv.models import get_model, get_model_entry
     from raycv.models.torchvision_zoo import resolve_weights
 
+    task = get_model_entry(cfg.model.name).task
     w = resolve_weights(cfg.model.name, cfg.model.weights)
     classes = list(w.meta["categories"])
     model = get_model(cfg.model.name, num_classes=len(classes), weights=cfg.model.weights, **cfg.model.kwargs)
     t = w.transforms()
-    preset = ClassificationEvalPreset(input_size=int(t.crop_size[0]), resize_size=int(t.resize_size[0]),
-                                      mean=tuple(t.mean), std=tuple(t.std))
-    return ModelSpec(cfg.model.name, cfg.model.kwargs, classes, preset, cfg.model.weights, None, _head_features(model))
+    if task == "segmentation":  # torchvision resizes the shorter side to resize_size; raycv, a square of it
+        preset = SegmentationEvalPreset(input_size=int(t.resize_size[0]), mean=tuple(t.mean), std=tuple(t.std))
+    else:
+        preset = ClassificationEvalPreset(input_size=int(t.crop_size[0]), resize_size=int(t.resize_size[0]),
+                                          mean=tuple(t.mean), std=tuple(t.std))
+    return ModelSpec(cfg.model.name, cfg.model.kwargs, classes, preset, cfg.model.weights, None,
+                     _head_features(model, task), task)
 
 
-def _head_features(model) -> int:
+def _head_features(model, task: str) -> int:
     from raycv.models import last_linear_name
 
-    return model.get_submodule(last_linear_name(model)).in_features
+    return model.get_submodule(last_linear_name(model)).in_features if task == "classification" else 0
 
 
 def plan_actors(cfg: InferConfig, total_cpus: float, decode_cpus: float, free_cpus: float | None = None,
@@ -101,6 +107,8 @@ def run_inference(cfg: InferConfig) -> InferSummary:
     if not cfg.infer.output:
         raise UserError("infer.output is required (--output FOLDER or URI)")
     spec = load_spec(cfg)
+    if cfg.infer.embedding and spec.task != "classification":
+        raise UserError(f"infer.embedding is for classification models; {spec.name} is a {spec.task} model")
     runtime.connect(cfg.run.address, verbose=cfg.run.verbose)
     out = OutputLocation(cfg.infer.output)
     base = out.prepare(cfg.infer.mode)
@@ -115,19 +123,21 @@ def run_inference(cfg: InferConfig) -> InferSummary:
                                f"inference with infer.min_actors={cfg.infer.min_actors} x {per_actor}",
                                "set infer.use_gpu=false / drop infer.actor_resources, or lower infer.min_actors")
         metadata = file_metadata(checkpoint=spec.checkpoint, model=spec.name, classes=spec.classes,
-                                 preprocess=spec.preprocess.to_dict())
+                                 preprocess=spec.preprocess.to_dict(), task=spec.task)
         embedding_dim = spec.embedding_dim if cfg.infer.embedding else None
         predictor_kwargs = dict(checkpoint=spec.checkpoint, model_name=spec.name, model_kwargs=spec.kwargs,
                                 weights=spec.weights, torch_home=torch.hub.get_dir() if spec.weights else None,
-                                classes=spec.classes, preprocess=spec.preprocess.to_dict(), topk=cfg.infer.topk,
-                                embedding=cfg.infer.embedding, threads=threads, use_gpu=cfg.infer.use_gpu,
-                                schema_metadata=metadata)
+                                classes=spec.classes, preprocess=spec.preprocess.to_dict(), threads=threads,
+                                use_gpu=cfg.infer.use_gpu, schema_metadata=metadata)
+        if spec.task == "classification":
+            predictor_kwargs.update(topk=cfg.infer.topk, embedding=cfg.infer.embedding)
         if inputs.count:
             counter = RowCounter.remote()
             predictor_kwargs["counter"] = counter
             progress = ProgressLine(counter, inputs.count)
             preset = spec.preprocess
-            decode = {"geometry": preset.geometry, "shape": preset.shape, "errors": "row", "keep": ()}
+            decode = {"geometry": preset.geometry, "shape": preset.shape, "errors": "row", "keep": (),
+                      "with_size": spec.task == "segmentation"}
             if cfg.infer.decode_in_actor:
                 ds = inputs.ds
                 predictor_kwargs["decode"] = decode
@@ -135,13 +145,13 @@ def run_inference(cfg: InferConfig) -> InferSummary:
                 ds = inputs.ds.map_batches(decode_batch, fn_kwargs=decode, batch_size=cfg.infer.batch_size,
                                            num_cpus=decode_cpus)
             ds = ds.map_batches(
-                ClassificationPredictor, fn_constructor_kwargs=predictor_kwargs, batch_size=cfg.infer.batch_size,
+                PREDICTORS[spec.task], fn_constructor_kwargs=predictor_kwargs, batch_size=cfg.infer.batch_size,
                 compute=ray.data.ActorPoolStrategy(min_size=cfg.infer.min_actors, max_size=cfg.infer.max_actors),
                 num_cpus=actor_cpus, num_gpus=1 if cfg.infer.use_gpu else 0,
                 **({"resources": dict(cfg.infer.actor_resources)} if cfg.infer.actor_resources else {}))
             progress.start()
             try:
-                ds.write_parquet(out.tmp_uri, schema=classification_schema(embedding_dim).with_metadata(metadata),
+                ds.write_parquet(out.tmp_uri, schema=output_schema(spec.task, embedding_dim).with_metadata(metadata),
                                  min_rows_per_file=min(cfg.infer.rows_per_file, max(1, inputs.count)))
             except Exception as e:
                 if (reason := find_storage_error(e)) is None:
@@ -157,7 +167,8 @@ def run_inference(cfg: InferConfig) -> InferSummary:
             raise UserError(f"{errors} of {rows} inputs failed to decode ({errors / rows:.1%}), above "
                             f"infer.max_error_fraction={cfg.infer.max_error_fraction}; output not published")
         out.publish(cfg.infer.mode, base, rows=rows, errors=errors,
-                    metadata={"checkpoint": spec.checkpoint, "model": spec.name, "classes": spec.classes})
+                    metadata={"checkpoint": spec.checkpoint, "model": spec.name, "classes": spec.classes,
+                              "task": spec.task})
     except BaseException:
         out.abandon()
         raise

@@ -1,8 +1,10 @@
-"""The batch-inference model: a class that Ray Data runs as a pool of actors. The model is built
-and loaded once per actor (`__init__`); `__call__` predicts one batch of decoded images."""
+"""The batch-inference models: classes that Ray Data runs as a pool of actors. The model is built
+and loaded once per actor (`__init__`); `__call__` predicts one batch of decoded images and
+returns it as rows of the task's output schema."""
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
@@ -10,16 +12,16 @@ import pyarrow as pa
 import torch
 
 from raycv.data.decode import decode_batch
-from raycv.data.presets import ClassificationEvalPreset
-from raycv.infer.schema import classification_schema
+from raycv.data.presets import eval_preset_from_dict
+from raycv.infer.schema import classification_schema, segmentation_schema
 from raycv.models import get_model, last_linear_name
 from raycv.train.checkpoint import load_model
 
 
-class ClassificationPredictor:
+class _Predictor:
     def __init__(self, *, checkpoint: str | None, model_name: str, model_kwargs: dict[str, Any],
-                 weights: str | None, torch_home: str | None, classes: list[str], preprocess: dict, topk: int, embedding: bool, threads: int, use_gpu: bool,
-                 schema_metadata: dict[str, str], counter=None, decode: dict[str, Any] | None = None):
+                 weights: str | None, torch_home: str | None, classes: list[str], preprocess: dict, threads: int,
+                 use_gpu: bool, counter=None, decode: dict[str, Any] | None = None):
         # Ray starts workers with one intra-op thread; an actor given k CPUs should use k.
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -31,35 +33,48 @@ class ClassificationPredictor:
             model = get_model(model_name, num_classes=len(classes), weights=weights, **model_kwargs)
         self.model = model.eval().to(self.device)
         self.classes = np.asarray(classes, dtype=object)
-        self.preset = ClassificationEvalPreset.from_dict(preprocess)
-        self.topk = min(topk, len(classes))
+        self.preset = eval_preset_from_dict(preprocess)
+        self.counter = counter  # a RowCounter actor, for the driver's progress line
+        self.decode = decode  # decode_batch's arguments, when decoding happens here (infer.decode_in_actor)
+
+    def _inputs(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list, np.ndarray, torch.Tensor | None]:
+        """(batch, error per row, mask of the rows that decoded, their normalized images)."""
+        if self.decode is not None:
+            batch = decode_batch(batch, **self.decode)
+        # An all-success batch may reach us as NaNs or Nones: only a non-empty string is an error.
+        errors = [e if isinstance(e, str) and e else None for e in batch["error"]]
+        ok = np.array([e is None for e in errors], dtype=bool)
+        x = None
+        if ok.any():
+            x = self.preset.normalize(torch.from_numpy(np.require(batch["image"][ok], requirements=["C", "W"])).to(self.device))
+        if self.counter is not None:
+            self.counter.add.remote(len(errors))
+        return batch, errors, ok, x
+
+
+class ClassificationPredictor(_Predictor):
+    def __init__(self, *, topk: int, embedding: bool, schema_metadata: dict[str, str], **kwargs):
+        super().__init__(**kwargs)
+        self.topk = min(topk, len(self.classes))
         self.features: list[torch.Tensor] = []
         self.embedding_dim = None
         if embedding:
             head = self.model.get_submodule(last_linear_name(self.model))
             head.register_forward_hook(lambda mod, inp, out: self.features.append(inp[0].detach()))
             self.embedding_dim = head.in_features
-        self.counter = counter  # a RowCounter actor, for the driver's progress line
-        self.decode = decode  # decode_batch's arguments, when decoding happens here (infer.decode_in_actor)
         self.schema = classification_schema(self.embedding_dim).with_metadata(schema_metadata)
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        if self.decode is not None:
-            batch = decode_batch(batch, **self.decode)
-        paths = batch["path"]
-        # An all-success batch may reach us as NaNs or Nones: only a non-empty string is an error.
-        errors = [e if isinstance(e, str) and e else None for e in batch["error"]]
-        ok = np.array([e is None for e in errors], dtype=bool)
-        n = len(paths)
+        batch, errors, ok, x = self._inputs(batch)
+        n = len(errors)
         label = [None] * n
         label_index = [None] * n
         score = [None] * n
         topk_labels = [None] * n
         topk_scores = [None] * n
         emb = [None] * n
-        if ok.any():
-            x = self.preset.normalize(torch.from_numpy(np.require(batch["image"][ok], requirements=["C", "W"])).to(self.device))
+        if x is not None:
             self.features.clear()
             probs = torch.softmax(self.model(x).float(), dim=1)  # (B_ok, num_classes)
             top = probs.topk(self.topk, dim=1)
@@ -73,10 +88,53 @@ class ClassificationPredictor:
                 topk_scores[i] = [float(p) for p in top_p[j]]
                 if feats is not None:
                     emb[i] = feats[j].tolist()
-        cols = {"path": list(paths), "label": label, "label_index": label_index, "score": score,
+        cols = {"path": list(batch["path"]), "label": label, "label_index": label_index, "score": score,
                 "topk_labels": topk_labels, "topk_scores": topk_scores, "error": errors}
         if self.embedding_dim is not None:
             cols["embedding"] = emb
-        if self.counter is not None:
-            self.counter.add.remote(n)
         return pa.Table.from_pydict(cols, schema=self.schema)
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """(H, W) uint8 class indices -> a palette PNG (VOC colours; the pixel values stay the indices)."""
+    from PIL import Image
+
+    from raycv.data.bundled import voc_palette
+
+    img = Image.fromarray(mask, mode="L")
+    img.putpalette(voc_palette())
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+class SegmentationPredictor(_Predictor):
+    """The model runs at the preset's square size; its logits are resized back to each image's
+    original size (bilinear) before the per-pixel argmax, as torchvision's reference evaluates."""
+
+    def __init__(self, *, schema_metadata: dict[str, str], **kwargs):
+        super().__init__(**kwargs)
+        self.schema = segmentation_schema().with_metadata(schema_metadata)
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        import torch.nn.functional as F
+
+        batch, errors, ok, x = self._inputs(batch)
+        n = len(errors)
+        k = len(self.classes)
+        masks, heights, widths, fractions = [None] * n, [None] * n, [None] * n, [None] * n
+        if x is not None:
+            logits = self.model(x)["out"].float()  # (B_ok, K, S, S)
+            for j, i in enumerate(np.flatnonzero(ok)):
+                h, w = int(batch["height"][i]), int(batch["width"][i])
+                up = F.interpolate(logits[j:j + 1], size=(h, w), mode="bilinear", align_corners=False)
+                mask = up.argmax(1)[0].to(torch.uint8).cpu().numpy()
+                masks[i], heights[i], widths[i] = encode_mask(mask), h, w
+                fractions[i] = (np.bincount(mask.ravel(), minlength=k)[:k] / mask.size).astype(np.float32).tolist()
+        cols = {"path": list(batch["path"]), "mask_png": masks, "height": heights, "width": widths,
+                "class_fractions": fractions, "error": errors}
+        return pa.Table.from_pydict(cols, schema=self.schema)
+
+
+PREDICTORS = {"classification": ClassificationPredictor, "segmentation": SegmentationPredictor}

@@ -1,4 +1,5 @@
-"""The classification output schema (shared/ARCHITECTURE.md) and its file metadata."""
+"""The output schemas (shared/ARCHITECTURE.md) and their file metadata. Every task's rows have
+`path` and `error` (null when the row succeeded)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,26 @@ def classification_schema(embedding_dim: int | None = None) -> pa.Schema:
     return pa.schema(fields)
 
 
-def file_metadata(*, checkpoint: str | None, model: str, classes: list[str], preprocess: dict) -> dict[str, str]:
+def segmentation_schema() -> pa.Schema:
+    """One row per image: the predicted class mask at the image's original size, PNG-encoded
+    (palette PNG, pixel value = class index, VOC colours), and the share of pixels of each class."""
+    return pa.schema([
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("mask_png", pa.binary()),
+        pa.field("height", pa.int32()),
+        pa.field("width", pa.int32()),
+        pa.field("class_fractions", pa.list_(pa.float32())),  # indexed like the classes in the metadata
+        pa.field("error", pa.string()),
+    ])
+
+
+def output_schema(task: str, embedding_dim: int | None = None) -> pa.Schema:
+    return segmentation_schema() if task == "segmentation" else classification_schema(embedding_dim)
+
+
+def file_metadata(*, checkpoint: str | None, model: str, classes: list[str], preprocess: dict,
+                  task: str = "classification") -> dict[str, str]:
     """Key-value metadata stored in every output file: where the predictions came from."""
-    return {"raycv.version": raycv.__version__, "raycv.task": "classification",
+    return {"raycv.version": raycv.__version__, "raycv.task": task,
             "raycv.checkpoint": checkpoint or "", "raycv.model": model,
             "raycv.classes": json.dumps(classes), "raycv.preprocess": json.dumps(preprocess)}

@@ -37,7 +37,8 @@ def open_input(cfg: InferConfig, done: set[str]) -> InputRows:
         if split not in ("train", "val"):
             raise UserError(f"registry input split must be train or val, got {split!r}")
         splits = build_dataset(cfg.data.model_copy(update={"name": name}))
-        ds = (splits.val if split == "val" else splits.train).drop_columns(["label"])
+        ds = splits.val if split == "val" else splits.train
+        ds = ds.drop_columns([c for c in ("label", "mask_path", "mask_bytes") if c in ds.columns()])
         rows = [r for r in ds.take_all() if r["path"] not in done]
         return InputRows(ray.data.from_items(rows, override_num_blocks=num_blocks(len(rows))), len(rows))
 

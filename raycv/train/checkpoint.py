@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import raycv
-from raycv.data.presets import ClassificationEvalPreset
+from raycv.data.presets import ClassificationEvalPreset, SegmentationEvalPreset, eval_preset_from_dict
 from raycv.errors import UserError
 
 MODEL_FILE = "model.pt"
@@ -40,7 +40,7 @@ class CheckpointInfo:
     model_name: str
     model_kwargs: dict[str, Any]
     classes: list[str]
-    preprocess: ClassificationEvalPreset
+    preprocess: ClassificationEvalPreset | SegmentationEvalPreset
     epoch: int
     metrics: dict[str, Any]
     config: dict[str, Any]
@@ -54,7 +54,7 @@ class CheckpointInfo:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "CheckpointInfo":
         return cls(task=d["task"], model_name=d["model"]["name"], model_kwargs=d["model"].get("kwargs", {}),
-                   classes=list(d["classes"]), preprocess=ClassificationEvalPreset.from_dict(d["preprocess"]),
+                   classes=list(d["classes"]), preprocess=eval_preset_from_dict(d["preprocess"]),
                    epoch=int(d["epoch"]), metrics=d.get("metrics", {}), config=d.get("config", {}))
 
 
@@ -188,16 +188,19 @@ def resolve_checkpoint(path: str) -> str:
     raise UserError(f"not a raycv checkpoint or run directory: {path} (no {META_FILE} or summary.json)")
 
 
-def init_from_checkpoint(model: nn.Module, path: str) -> CheckpointInfo:
+def init_from_checkpoint(model: nn.Module, path: str, task: str = "classification") -> CheckpointInfo:
     """Fine-tuning: load a raycv checkpoint's weights into `model`. When the class count differs,
-    the classifier head keeps its fresh initialization; any other mismatch is refused."""
+    the classifier head (segmentation: the classifier modules) keeps its fresh initialization; any
+    other mismatch is refused."""
     from raycv.models import last_linear_name
 
     directory = resolve_checkpoint(path)
     info = read_info(directory)
+    if info.task != task:
+        raise UserError(f"model.init_from={path} is a {info.task} checkpoint; this run trains {task}")
     state = load_state_dict(local_dir(directory))
     own = model.state_dict()
-    head = last_linear_name(model) + "."
+    head = (last_linear_name(model) + ".",) if task == "classification" else ("classifier.", "aux_classifier.")
     for key in [k for k, v in state.items() if k in own and own[k].shape != v.shape]:
         if not key.startswith(head):
             raise UserError(f"model.init_from={path}: {key} has shape {tuple(state[key].shape)}, "

@@ -16,10 +16,12 @@ from ray.train.torch import TorchTrainer
 
 from raycv import runtime
 from raycv.config import TrainConfig, default_run_name, resolve_storage_path, to_yaml
-from raycv.data import build_dataset
+from raycv import tasks
+from raycv.data import build_dataset, get_dataset_entry
 from raycv.data import io as fsio
-from raycv.data.decode import decode_batch
-from raycv.data.presets import ClassificationEvalPreset, ClassificationTrainPreset
+from raycv.data.decode import decode_batch, decode_pairs
+from raycv.data.presets import (ClassificationEvalPreset, ClassificationTrainPreset, SegmentationEvalPreset,
+                                SegmentationTrainPreset)
 from raycv.errors import UserError
 from raycv.models import get_model, get_model_entry
 from raycv.train.tracking import METRICS_LOG
@@ -59,16 +61,29 @@ class TrainSummary:
     resumed_from_epoch: int
     early_stopped: bool = False
     curves: str | None = None
+    task: str = "classification"
+    checkpoint_metric: str = "val_accuracy"
+    metrics: dict | None = None  # the best checkpoint's validation metrics (every task's)
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def make_presets(cfg: TrainConfig, mean, std) -> tuple[ClassificationTrainPreset, ClassificationEvalPreset]:
+def make_presets(cfg: TrainConfig, mean, std, task: str = "classification"):
+    """(train preset, eval preset) for the task."""
     size = cfg.data.input_size
     resize = cfg.data.resize_size or size
     if resize < size:
         raise UserError(f"data.resize_size={resize} is smaller than data.input_size={size}")
+    if task == "segmentation":
+        if cfg.data.augment not in SegmentationTrainPreset.AUGMENTS:
+            raise UserError(f"data.augment={cfg.data.augment} is not available for segmentation "
+                            f"(valid: {', '.join(SegmentationTrainPreset.AUGMENTS)})")
+        if cfg.train.mixup_alpha or cfg.train.cutmix_alpha or cfg.data.random_erasing:
+            raise UserError("train.mixup_alpha / train.cutmix_alpha / data.random_erasing are for classification only")
+        return (SegmentationTrainPreset(input_size=size, resize_size=resize, augment=cfg.data.augment,
+                                        hflip=cfg.data.hflip, mean=tuple(mean), std=tuple(std)),
+                SegmentationEvalPreset(input_size=size, mean=tuple(mean), std=tuple(std)))
     train = ClassificationTrainPreset(input_size=size, resize_size=resize, augment=cfg.data.augment,
                                       hflip=cfg.data.hflip, random_erasing=cfg.data.random_erasing, mean=tuple(mean), std=tuple(std))
     val = ClassificationEvalPreset(input_size=size, resize_size=resize, mean=tuple(mean), std=tuple(std))
@@ -76,8 +91,11 @@ def make_presets(cfg: TrainConfig, mean, std) -> tuple[ClassificationTrainPreset
 
 
 def decoded(ds: ray.data.Dataset, preset, *, num_cpus: float, cache: bool) -> ray.data.Dataset:
-    ds = ds.map_batches(decode_batch, fn_kwargs={"geometry": preset.geometry, "shape": preset.shape, "with_path": False},
-                        batch_size=64, num_cpus=num_cpus)
+    if isinstance(preset, (SegmentationTrainPreset, SegmentationEvalPreset)):
+        ds = ds.map_batches(decode_pairs, fn_kwargs={"preset": preset}, batch_size=64, num_cpus=num_cpus)
+    else:
+        ds = ds.map_batches(decode_batch, fn_kwargs={"geometry": preset.geometry, "shape": preset.shape,
+                                                     "with_path": False}, batch_size=64, num_cpus=num_cpus)
     return ds.materialize() if cache else ds
 
 
@@ -112,15 +130,18 @@ class _Progress(threading.Thread):
 
 def format_epoch(m: dict) -> str:
     left = (m["epochs"] - m["epoch"]) * (m["train_seconds"] + m.get("val_seconds", 0.0))
+    quality = "  ".join(f"{label} {value:.4f}" for label, value in tasks.shown(m))
     return (f"epoch {m['epoch']:>3}/{m['epochs']}  loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
-            f"val_acc {m['val_accuracy']:.4f}  top5 {m['val_top5']:.4f}  {m['images_per_second']:,.0f} img/s  "
-            f"left ~{left:.0f}s")
+            f"{quality}  {m['images_per_second']:,.0f} img/s  left ~{left:.0f}s")
 
 
 def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
     """Train `cfg` with Ray Train; resume when `run.name` names an existing run."""
     t_start = time.perf_counter()
-    get_model_entry(cfg.model.name)  # unknown model: fail before Ray starts
+    task = get_dataset_entry(cfg.data.name).task  # unknown model or dataset, or a mismatch: fail before Ray starts
+    tasks.check_model_fits(task, cfg.model.name, get_model_entry(cfg.model.name).task)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+        "checkpoint_metric": tasks.checkpoint_metric(task, cfg.train.checkpoint_metric)})})
     if cfg.train.amp == "fp16" and not cfg.scaling.use_gpu:
         raise UserError("train.amp=fp16 needs GPUs (scaling.use_gpu=true); on CPU use train.amp=bf16")
     mlflow_uri = _mlflow_tracking_uri(cfg, echo)
@@ -144,19 +165,19 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
         raise UserError(f"cannot write the run directory {run_dir}: {str(e).splitlines()[0]}") from None
 
     splits = build_dataset(cfg.data)
-    train_preset, eval_preset = make_presets(cfg, splits.mean, splits.std)
+    train_preset, eval_preset = make_presets(cfg, splits.mean, splits.std, task)
     model = get_model(cfg.model.name, num_classes=len(splits.classes), weights=cfg.model.weights, **cfg.model.kwargs)
     if cfg.model.init_from:  # fail here, not in the workers
         from raycv.train.checkpoint import init_from_checkpoint
 
-        init_from_checkpoint(model, cfg.model.init_from)
+        init_from_checkpoint(model, cfg.model.init_from, task)
     echo(f"raycv: {cfg.model.name} on {cfg.data.name} ({splits.num_train} train / {splits.num_val} val images, "
          f"{len(splits.classes)} classes), "
          f"{f'{cfg.scaling.min_workers}-' if cfg.scaling.min_workers else ''}{cfg.scaling.num_workers} worker(s) "
          f"x {resources}; run {run_dir}")
     # A shard small enough for the workers' own memory is also kept there after epoch 1 (ShardCache).
     shard_mb = splits.num_train / cfg.scaling.fewest_workers * 3 * train_preset.resize_size ** 2 / 1e6
-    worker_cache = cfg.data.cache and 0 < shard_mb <= cfg.data.worker_cache_mb
+    worker_cache = task == "classification" and cfg.data.cache and 0 < shard_mb <= cfg.data.worker_cache_mb
     train_ds = decoded(splits.train, train_preset, num_cpus=cfg.data.decode_cpus, cache=cfg.data.cache)
     val_ds = decoded(splits.val, eval_preset, num_cpus=cfg.data.decode_cpus, cache=cfg.data.cache)
 
@@ -164,8 +185,10 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "cfg": cfg.model_dump(mode="json"), "classes": splits.classes, "run_dir": run_dir,
-            "train_preset": {k: getattr(train_preset, k) for k in ("input_size", "resize_size", "augment", "hflip", "random_erasing", "mean", "std")},
+            "cfg": cfg.model_dump(mode="json"), "classes": splits.classes, "run_dir": run_dir, "task": task,
+            "train_preset": {k: getattr(train_preset, k) for k in ("input_size", "resize_size", "augment", "hflip",
+                                                                   "random_erasing", "mean", "std")
+                             if hasattr(train_preset, k)},
             "eval_preset": eval_preset.to_dict(), "num_train": splits.num_train, "threads": threads,
             "mlflow_tracking_uri": mlflow_uri, "worker_cache": worker_cache,
         },
@@ -201,7 +224,8 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
         epochs=_latest_checkpoint_epoch(run_dir), val_accuracy=best_metrics.get("val_accuracy"),
         val_top5=best_metrics.get("val_top5"), val_loss=best_metrics.get("val_loss"),
         images_per_second=_mean_throughput(run_dir), wall_seconds=time.perf_counter() - t_start,
-        resumed_from_epoch=resumed_from,
+        resumed_from_epoch=resumed_from, task=task, checkpoint_metric=cfg.train.checkpoint_metric,
+        metrics={k: v for k, v in best_metrics.items() if k.startswith("val_")},
     )
     summary.early_stopped = summary.epochs < cfg.train.epochs
     try:

@@ -59,9 +59,30 @@ def build_scheduler(optimizer, *, steps_per_epoch: int, cfg: TrainSection) -> to
         optimizer, lambda step: lr_factor(step, steps_per_epoch=steps_per_epoch, cfg=cfg))
 
 
-def build_loss(cfg: TrainSection) -> nn.Module:
-    """Cross-entropy; it takes class indices or, after MixUp/CutMix, class probabilities."""
+def build_loss(cfg: TrainSection, task: str = "classification") -> nn.Module:
+    """Cross-entropy; it takes class indices or, after MixUp/CutMix, class probabilities.
+    Segmentation: per-pixel cross-entropy on torchvision's output dict (void pixels ignored)."""
+    if task == "segmentation":
+        return SegmentationLoss(label_smoothing=cfg.label_smoothing)
     return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+
+class SegmentationLoss(nn.Module):
+    """torchvision's segmentation reference: cross-entropy on `out` plus 0.5 x on `aux` when the
+    model has an auxiliary head; pixels labelled 255 (void) count for nothing."""
+
+    def __init__(self, label_smoothing: float = 0.0, aux_weight: float = 0.5):
+        super().__init__()
+        from raycv.data.presets import IGNORE_INDEX
+
+        self.ce = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+        self.aux_weight = aux_weight
+
+    def forward(self, outputs, target):
+        loss = self.ce(outputs["out"], target)
+        if outputs.get("aux") is not None:
+            loss = loss + self.aux_weight * self.ce(outputs["aux"], target)
+        return loss
 
 
 def build_batch_mix(cfg: TrainSection, num_classes: int):

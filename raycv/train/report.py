@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from raycv.data import io as fsio
 from raycv.errors import UserError
+from raycv.tasks import shown
 from raycv.train.tracking import METRICS_LOG
 
 CURVES = "curves.png"
@@ -23,14 +24,19 @@ class RunReport:
     plot: str | None
 
     def table(self) -> str:
-        head = f"{'epoch':>5}  {'train_loss':>10}  {'val_loss':>8}  {'val_acc':>7}  {'top5':>6}  {'lr':>9}  {'img/s':>7}"
+        labels = [label for label, _ in shown(self.epochs[0])] if self.epochs else []
+        head = (f"{'epoch':>5}  {'train_loss':>10}  {'val_loss':>8}  " + "".join(f"{lb:>8}  " for lb in labels)
+                + f"{'lr':>9}  {'img/s':>7}")
         lines = [head]
         for m in self.epochs:
-            lines.append(f"{m['epoch']:>5}  {m['train_loss']:>10.4f}  {m['val_loss']:>8.4f}  {m['val_accuracy']:>7.4f}  "
-                         f"{m['val_top5']:>6.4f}  {m['lr']:>9.2e}  {m['images_per_second']:>7,.0f}")
+            lines.append(f"{m['epoch']:>5}  {m['train_loss']:>10.4f}  {m['val_loss']:>8.4f}  "
+                         + "".join(f"{v:>8.4f}  " for _, v in shown(m))
+                         + f"{m['lr']:>9.2e}  {m['images_per_second']:>7,.0f}")
         if self.summary:
+            metric = self.summary.get("checkpoint_metric", "val_accuracy")
+            value = (self.summary.get("metrics") or {}).get(metric, self.summary.get(metric))
             lines.append(f"best checkpoint: {self.summary.get('best_checkpoint')} "
-                         f"(val top-1 {self.summary.get('val_accuracy') or float('nan'):.4f})")
+                         f"({metric} {value if value is not None else float('nan'):.4f})")
         if self.plot:
             lines.append(f"curves: {self.plot}")
         return "\n".join(lines)
@@ -44,7 +50,7 @@ def read_epochs(run_dir: str) -> list[dict]:
 
 
 def draw_curves(epochs: list[dict]) -> bytes:
-    """PNG bytes: a 2x2 figure of loss, accuracy, learning rate and throughput per epoch."""
+    """PNG bytes: a 2x2 figure of loss, validation quality (accuracy or mIoU), learning rate and throughput per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,9 +63,9 @@ def draw_curves(epochs: list[dict]) -> bytes:
     loss.plot(x, [m["val_loss"] for m in epochs], "s-", label="val")
     loss.set_title("loss")
     loss.legend()
-    acc.plot(x, [m["val_accuracy"] for m in epochs], "o-", label="val top-1")
-    acc.plot(x, [m["val_top5"] for m in epochs], "s-", label="val top-5")
-    acc.set_title("accuracy")
+    for i, (label, _) in enumerate(shown(epochs[0])):
+        acc.plot(x, [shown(m)[i][1] for m in epochs], "os"[i % 2] + "-", label=f"val {label}")
+    acc.set_title("validation")
     acc.set_ylim(0, 1.02)
     acc.legend()
     lr.plot(x, [m["lr"] for m in epochs], "o-")

@@ -21,7 +21,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import Checkpoint
 
 from raycv.config import TrainConfig
-from raycv.data.presets import ClassificationEvalPreset, ClassificationTrainPreset
+from raycv.data.presets import (IGNORE_INDEX, ClassificationEvalPreset, ClassificationTrainPreset,
+                                SegmentationEvalPreset, SegmentationTrainPreset)
 from raycv.models import get_model
 from raycv.train import checkpoint as ckpt
 from raycv.train.optim import build_batch_mix, build_loss, build_optimizer, build_scheduler, correct_topk
@@ -86,6 +87,21 @@ class AugmentCollate(NumpyBatchCollateFn):
         return {"image": images, "label": labels}
 
 
+class PairCollate(NumpyBatchCollateFn):
+    """Segmentation: each image and its class mask through one draw of the random geometry, in
+    Ray Data's prefetch threads on the worker (`preset=None`: validation, as decoded)."""
+
+    def __init__(self, preset: SegmentationTrainPreset | None):
+        self.preset = preset
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))  # (B, C, S, S) uint8
+        masks = torch.from_numpy(np.require(batch["mask"], requirements=["C", "W"]))  # (B, S, S) uint8
+        if self.preset is not None:
+            images, masks = self.preset.augment_pairs(images, masks)
+        return {"image": images, "mask": masks.long()}
+
+
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
@@ -111,6 +127,34 @@ def evaluate(model: torch.nn.Module, shard, preset: ClassificationEvalPreset, lo
     loss_sum, c1, c5, n = _all_reduce_sum([loss_sum, c1, c5, n], device)
     return {"val_loss": loss_sum / max(n, 1), "val_accuracy": c1 / max(n, 1), "val_top5": c5 / max(n, 1),
             "val_count": int(n)}
+
+
+@torch.no_grad()
+def evaluate_segmentation(model: torch.nn.Module, shard, preset: SegmentationEvalPreset, loss_fn, num_classes: int,
+                          batch_size: int, device: torch.device, precision: "Precision | None" = None) -> dict[str, float]:
+    """Loss, mIoU and pixel accuracy over every validation pixel of every rank (torchmetrics sums
+    the confusion matrices across ranks); void pixels (255) are not counted."""
+    import contextlib
+
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+    miou = MulticlassJaccardIndex(num_classes, average="macro", ignore_index=IGNORE_INDEX).to(device)
+    pixel = MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE_INDEX).to(device)
+    model.eval()
+    loss_sum = n = 0.0
+    for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=PairCollate(None)):
+        x, y = preset.normalize(batch["image"].to(device)), batch["mask"].to(device)
+        with precision.autocast() if precision else contextlib.nullcontext():
+            out = model(precision.input(x) if precision else x)
+        out = {k: v.float() for k, v in out.items() if v is not None}
+        loss_sum += float(loss_fn(out, y)) * y.shape[0]
+        n += y.shape[0]
+        pred = out["out"].argmax(1)
+        miou.update(pred, y)
+        pixel.update(pred, y)
+    loss_sum, n = _all_reduce_sum([loss_sum, n], device)
+    return {"val_loss": loss_sum / max(n, 1), "val_miou": float(miou.compute()),
+            "val_pixel_accuracy": float(pixel.compute()), "val_count": int(n)}
 
 
 def _worker_nodes(rank: int, world: int) -> list[str]:
@@ -151,8 +195,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tc = cfg.train
     classes: list[str] = config["classes"]
     run_dir: str = config["run_dir"]
-    train_preset = ClassificationTrainPreset(**config["train_preset"])
-    eval_preset = ClassificationEvalPreset.from_dict(config["eval_preset"])
+    task: str = config.get("task", "classification")
+    segmentation = task == "segmentation"
+    if segmentation:
+        train_preset = SegmentationTrainPreset(**config["train_preset"])
+        eval_preset = SegmentationEvalPreset.from_dict(config["eval_preset"])
+    else:
+        train_preset = ClassificationTrainPreset(**config["train_preset"])
+        eval_preset = ClassificationEvalPreset.from_dict(config["eval_preset"])
+    target = "mask" if segmentation else "label"
     torch.set_num_threads(config["threads"])
 
     ctx = ray.train.get_context()
@@ -167,7 +218,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model = get_model(cfg.model.name, num_classes=len(classes), weights=cfg.model.weights, **cfg.model.kwargs)
     if cfg.model.init_from:
-        ckpt.init_from_checkpoint(model, cfg.model.init_from)
+        ckpt.init_from_checkpoint(model, cfg.model.init_from, task)
     if tc.sync_batchnorm and world > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if tc.channels_last:
@@ -177,8 +228,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches_per_epoch = max(1, math.ceil(rows_per_rank / cfg.data.batch_size))
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / tc.grad_accum_steps))
     scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, cfg=tc)
-    loss_fn = build_loss(tc)
-    mix = build_batch_mix(tc, len(classes))
+    loss_fn = build_loss(tc, task)
+    mix = None if segmentation else build_batch_mix(tc, len(classes))
     ema = None
     if tc.ema_decay:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -214,7 +265,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     cache = ShardCache(cfg.data.worker_cache_mb * 1e6) if config.get("worker_cache") else None
-    collate = AugmentCollate(train_preset, cache)
+    collate = PairCollate(train_preset) if segmentation else AugmentCollate(train_preset, cache)
     order = torch.Generator().manual_seed(tc.seed * 1000 + rank)
     higher_is_better = tc.checkpoint_metric != "val_loss"
 
@@ -231,7 +282,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                      local_shuffle_seed=None)
         for batch in batches:
             x = train_preset.normalize(batch["image"].to(device))  # (B, C, H, W) float32
-            y = batch["label"].to(device)
+            y = batch[target].to(device)
             if mix is not None:
                 x, y = mix(x, y)  # y: (B, num_classes) probabilities
             micro += 1
@@ -270,7 +321,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 pass
         t1 = time.perf_counter()
         evaluated = ema.module if ema is not None else raw  # with EMA, the averaged weights are the model
-        metrics.update(evaluate(evaluated, val_shard, eval_preset, loss_fn, cfg.data.batch_size, device, precision))
+        if segmentation:
+            metrics.update(evaluate_segmentation(evaluated, val_shard, eval_preset, loss_fn, len(classes),
+                                                 cfg.data.batch_size, device, precision))
+        else:
+            metrics.update(evaluate(evaluated, val_shard, eval_preset, loss_fn, cfg.data.batch_size, device, precision))
         metrics["val_seconds"] = time.perf_counter() - t1
 
         value = metrics[tc.checkpoint_metric]
@@ -281,7 +336,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stop = tc.early_stop_patience is not None and stale >= tc.early_stop_patience and epoch < tc.epochs
         checkpoint = None
         if rank == 0:
-            info = ckpt.CheckpointInfo(task="classification", model_name=cfg.model.name, model_kwargs=cfg.model.kwargs,
+            info = ckpt.CheckpointInfo(task=task, model_name=cfg.model.name, model_kwargs=cfg.model.kwargs,
                                        classes=classes, preprocess=eval_preset, epoch=epoch, metrics=metrics,
                                        config=config["cfg"])
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
