@@ -1,6 +1,7 @@
 """Jobs against a real `ray start --head` on loopback with Ray's token authentication on:
-`ray job submit` and `raycv submit` / `raycv jobs` run train and infer jobs, follow and stop them;
-without the token every request is refused.
+`ray job submit` and `raycv submit` / `raycv jobs` run train, infer and evaluate jobs (a segmentation
+model: the entrypoints are the same for every task), follow and stop them; without the token every
+request is refused.
 
 The head gets its own temp dir and ports (other Ray instances may run on this host), is started
 with --block in its own process group, and only that group is stopped afterwards: never `ray stop`.
@@ -53,10 +54,12 @@ def _raycv(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.
 
 @pytest.fixture(scope="module")
 def trained(head, tmp_path_factory) -> Path:
-    """One training job through `ray job submit`, shared by the tests below."""
+    """One training job through `ray job submit` (semantic segmentation on generated scenes), shared
+    by the tests below."""
     runs = tmp_path_factory.mktemp("job-runs")
-    status, out = _ray_job_submit(head, "raycv-train", "jobs/train.py", "train.epochs=1", "scaling.num_workers=1",
-                                  f"run.storage_path={runs}", "run.name=job")
+    status, out = _ray_job_submit(head, "raycv-train", "jobs/train.py", "--config", "jobs/configs/shapes_segmentation.yaml",
+                                  "train.epochs=1", "scaling.num_workers=1", "data.num_samples=200",
+                                  "data.input_size=32", f"run.storage_path={runs}", "run.name=job")
     assert status == "SUCCEEDED", out[-3000:]
     return runs / "job"
 
@@ -67,6 +70,7 @@ def test_ray_job_submit_runs_the_training_entrypoint(trained):
     jobs/infer.py runs through `raycv submit` below, which submits that same entrypoint."""
     summary = json.loads((trained / "summary.json").read_text())
     assert summary["epochs"] == 1 and Path(summary["best_checkpoint"], "model.pt").is_file()
+    assert summary["task"] == "segmentation" and "val_miou" in summary["metrics"]
     assert (trained / "curves.png").is_file()
 
 
@@ -74,14 +78,21 @@ def test_ray_job_submit_runs_the_training_entrypoint(trained):
 def test_raycv_submit_wait_list_status_logs(head, trained, tmp_path):
     r = _raycv("submit", "--address", head.address, "--wait", "--submission-id", "rcv-infer-1",
                "--entrypoint-num-cpus", "0.25", "--env", "RAYCV_JOB_MARK=seen",
-               "infer", "--checkpoint", str(trained), "--input", "registry:digits:val",
-               "--output", str(tmp_path / "preds"), env=head.env)
+               "infer", "--checkpoint", str(trained), "--input", "registry:shapes_segmentation:val",
+               "--output", str(tmp_path / "preds"), "data.num_samples=200", env=head.env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert "job rcv-infer-1: SUCCEEDED" in r.stdout and "359 rows" in r.stdout  # the job's own log, streamed
-    assert json.loads((tmp_path / "preds" / "_raycv_manifest.json").read_text())["rows"] == 359
+    assert "job rcv-infer-1: SUCCEEDED" in r.stdout and "40 rows" in r.stdout  # the job's own log, streamed
+    assert json.loads((tmp_path / "preds" / "_raycv_manifest.json").read_text())["rows"] == 40
     info = head.client().get_job_info("rcv-infer-1")
-    assert info.entrypoint == f"python jobs/infer.py --checkpoint {trained} --input registry:digits:val --output {tmp_path / 'preds'}"
+    assert info.entrypoint == (f"python jobs/infer.py --checkpoint {trained} --input registry:shapes_segmentation:val "
+                               f"--output {tmp_path / 'preds'} data.num_samples=200")
     assert info.runtime_env["env_vars"] == {"RAYCV_JOB_MARK": "seen"} and info.metadata["raycv_verb"] == "infer"
+
+    r = _raycv("submit", "--address", head.address, "--wait", "--entrypoint-num-cpus", "0.25", "evaluate",
+               "--predictions", str(tmp_path / "preds"), "--output", str(tmp_path / "eval"), env=head.env)
+    assert r.returncode == 0 and "SUCCEEDED" in r.stdout, (r.stdout + r.stderr)[-3000:]
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())  # masks found by the VOC layout
+    assert report["scored"] == 40 and 0.0 <= report["miou"] <= 1.0 and '"miou"' in r.stdout
 
     listed = _raycv("jobs", "list", "--address", head.address, env=head.env)
     assert listed.returncode == 0 and any(ln.startswith("rcv-infer-1") and "SUCCEEDED" in ln

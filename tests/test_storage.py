@@ -50,7 +50,7 @@ def _read(fs, path: str) -> str:
 def test_train_resume_and_infer_on_object_storage(s3, image_tree, tmp_path):
     fs, env = s3
     pafs.copy_files(str(image_tree), "raycv/data/tree", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    common = ["data.name=image_folder", "data.root=s3://raycv/data/tree", "scaling.num_workers=2",
+    common = ["data.name=image_folder", "data.root=s3://raycv/data/tree", "scaling.num_workers=1",
               "run.storage_path=s3://raycv/runs", "run.name=s3run", "data.batch_size=8"]
     r = _cli(env, tmp_path, "train", *common, "train.epochs=1")
     assert r.returncode == 0, r.stderr[-3000:]
