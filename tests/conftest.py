@@ -63,8 +63,10 @@ def ray_session():
 @pytest.fixture(scope="session")
 def digits_run(ray_session, tmp_path_factory):
     """One 2-worker, 2-epoch digits run on the session cluster, made once (each fit costs ~40 s on
-    2 CPUs): test_train checks it and resumes it, test_multinode compares a two-node run with it.
-    `log` and `printed` are snapshots taken when the run ended (a later resume appends to the files)."""
+    2 CPUs): test_train checks it and resumes it, test_multinode compares a two-node run with it,
+    test_infer predicts with its best checkpoint. `log` and `printed` are snapshots taken when the
+    run ended; `checkpoint` is a copy of the best checkpoint, beside a copy of the other epoch's
+    (a later resume changes the run)."""
     import json
     from types import SimpleNamespace
 
@@ -73,12 +75,16 @@ def digits_run(ray_session, tmp_path_factory):
 
     storage = tmp_path_factory.mktemp("digits-run")
     overrides = [f"run.storage_path={storage}", "run.name=digits-e2e", "train.epochs=2", "scaling.num_workers=2",
-                 "train.keep_checkpoints=1", "train.seed=3"]
+                 "train.keep_checkpoints=2", "train.seed=3"]
     printed: list[str] = []
     summary = fit(load_config("train", None, overrides), echo=printed.append)
     run_dir = storage / "digits-e2e"
     log = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return SimpleNamespace(summary=summary, printed=printed, log=log, run_dir=run_dir, overrides=overrides)
+    copies = storage / "checkpoints"  # both epochs' checkpoints, as the run left them
+    for d in run_dir.glob("checkpoint_epoch_*"):
+        shutil.copytree(d, copies / d.name)
+    return SimpleNamespace(summary=summary, printed=printed, log=log, run_dir=run_dir, overrides=overrides,
+                           checkpoint=copies / Path(summary.best_checkpoint).name)
 
 
 def write_image(path: Path, rng: np.random.Generator, size=(24, 24), color=None, mode="RGB") -> Path:

@@ -19,16 +19,12 @@ from raycv.infer.evaluate import evaluate_predictions
 from raycv.infer.output import MANIFEST, read_output
 from raycv.infer.pipeline import plan_actors, run_inference
 from raycv.train.checkpoint import load_model
-from raycv.train.driver import fit
 
 
 @pytest.fixture(scope="module")
-def checkpoint(ray_session, tmp_path_factory) -> Path:
-    """A short real training run (2 epochs of digits, 1 worker): its best checkpoint."""
-    root = tmp_path_factory.mktemp("runs")
-    s = fit(load_config("train", None, [f"run.storage_path={root}", "run.name=ckpt", "train.epochs=2",
-                                        "scaling.num_workers=1"]), echo=lambda line: None)
-    return Path(s.best_checkpoint)
+def checkpoint(digits_run) -> Path:
+    """A short real training run's best checkpoint (2 epochs of digits: the session's shared run)."""
+    return digits_run.checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +189,18 @@ def test_evaluate_reports_json_and_png(ray_session, checkpoint, digit_folder, tm
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["top1"] == report["top1"]
     png = Image.open(tmp_path / "eval" / "confusion_matrix.png")
     assert png.size[0] > 200 and len(set(np.asarray(png.convert("L")).flatten().tolist())) > 10
+
+    # `raycv draw`: the first rows by path, enlarged to be legible, the predicted label written on them.
+    from raycv.infer.draw import draw_predictions
+
+    drawn = draw_predictions(str(tmp_path / "out"), str(tmp_path / "drawn"), limit=2)
+    first = sorted(table, key=lambda r: r["path"])[0]
+    assert len(drawn) == 2 and drawn[0].name.endswith(Path(first["path"]).stem + ".png")
+    img = np.asarray(Image.open(drawn[0]).convert("RGB"))
+    plain = np.asarray(Image.open(first["path"]).convert("RGB"))
+    factor = img.shape[0] // plain.shape[0]
+    assert factor >= 2 and img.shape[:2] == (plain.shape[0] * factor, plain.shape[1] * factor)
+    assert (img[:12] != plain.repeat(factor, 0).repeat(factor, 1)[:12]).any()  # the caption is drawn on top
 
 
 def test_actor_sizing_refuses_a_silent_hang():

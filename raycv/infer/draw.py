@@ -40,7 +40,7 @@ def draw_predictions(predictions: str, output: str, *, limit: int = 16, alpha: f
     written = []
     for i, row in enumerate(rows):
         try:
-            img = torch.from_numpy(np.asarray(open_rgb(read_bytes(row["path"])))).permute(2, 0, 1).contiguous()
+            img = torch.from_numpy(np.array(open_rgb(read_bytes(row["path"])))).permute(2, 0, 1).contiguous()
         except (OSError, ValueError) as e:
             raise UserError(f"cannot draw {row['path']}: {str(e).splitlines()[0]}") from None
         factor = max(1, -(-MIN_SIDE // min(img.shape[1:])))
