@@ -1,7 +1,8 @@
 """Shared storage: training, resume and inference with every path on an S3-compatible server
-(moto in server mode on loopback), credentials from the environment. The CLI runs in child
-processes that start their own local Ray, so the Ray workers inherit the endpoint and keys as they
-would from a cluster's environment. The fake keys must never reach run files or Parquet metadata."""
+(moto in server mode on loopback), credentials from the environment. The CLI runs in a child
+process that starts its own local Ray (one for the three verbs, tests/helpers/cli_session.py), so
+the Ray workers inherit the endpoint and keys as they would from a cluster's environment. The fake
+keys must never reach run files or Parquet metadata."""
 
 from __future__ import annotations
 
@@ -36,9 +37,20 @@ def s3():
     server.stop()
 
 
-def _cli(env, cwd, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raycv.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=400)
+SESSION = Path(__file__).parent / "helpers" / "cli_session.py"
+
+
+def _cli_session(env, cwd, *invocations: list[str]) -> list[dict]:
+    """Each invocation's {"rc", "stdout", "stderr"}, run in order in one child process (one local Ray)."""
+    argv = [a for inv in invocations for a in ("--", *inv)][1:]
+    r = subprocess.run([sys.executable, str(SESSION), *argv], capture_output=True, text=True, env=env, cwd=cwd,
+                       timeout=600)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr[-3000:]
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    for res in results:
+        assert res["rc"] == 0, (res["stdout"] + res["stderr"])[-3000:]
+    assert len(results) == len(invocations)
+    return results
 
 
 def _read(fs, path: str) -> str:
@@ -52,25 +64,24 @@ def test_train_resume_and_infer_on_object_storage(s3, image_tree, tmp_path):
     pafs.copy_files(str(image_tree), "raycv/data/tree", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     common = ["data.name=image_folder", "data.root=s3://raycv/data/tree", "scaling.num_workers=1",
               "run.storage_path=s3://raycv/runs", "run.name=s3run", "data.batch_size=8"]
-    r = _cli(env, tmp_path, "train", *common, "train.epochs=1")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "run directory:   s3://raycv/runs/s3run" in r.stdout and not (tmp_path / "runs").exists()
+    first, resumed, inferred = _cli_session(
+        env, tmp_path, ["train", *common, "train.epochs=1"],
+        ["train", *common, "train.epochs=2"],  # the same run.name resumes from storage
+        ["infer", "--checkpoint", "s3://raycv/runs/s3run", "--input", "s3://raycv/data/tree/val",
+         "--output", "s3://raycv/preds"])
+    assert "run directory:   s3://raycv/runs/s3run" in first["stdout"] and not (tmp_path / "runs").exists()
+    assert ", 1 epochs," in first["stdout"]  # the first run's `done:` line; summary.json is the resumed run's now
     summary = json.loads(_read(fs, "raycv/runs/s3run/summary.json"))
-    assert summary["epochs"] == 1 and summary["best_checkpoint"].startswith("s3://raycv/runs/s3run/checkpoint_epoch_")
+    assert summary["best_checkpoint"].startswith("s3://raycv/runs/s3run/checkpoint_epoch_")
     assert fs.get_file_info("raycv/runs/s3run/checkpoint_epoch_0001/model.pt").type == pafs.FileType.File
 
-    r = _cli(env, tmp_path, "train", *common, "train.epochs=2")  # the same run.name resumes from storage
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from the epoch-1 checkpoint" in r.stdout
+    assert "resumed from the epoch-1 checkpoint" in resumed["stdout"]
     log = [json.loads(ln) for ln in _read(fs, "raycv/runs/s3run/metrics.jsonl").splitlines()]
     assert [m["epoch"] for m in log] == [1, 2]
     assert json.loads(_read(fs, "raycv/runs/s3run/summary.json"))["epochs"] == 2
     events = fs.get_file_info(pafs.FileSelector("raycv/runs/s3run/tensorboard"))  # uploaded after each epoch
     assert any("tfevents" in e.base_name and e.size > 0 for e in events)
 
-    r = _cli(env, tmp_path, "infer", "--checkpoint", "s3://raycv/runs/s3run", "--input", "s3://raycv/data/tree/val",
-             "--output", "s3://raycv/preds")
-    assert r.returncode == 0, r.stderr[-3000:]
     manifest = json.loads(_read(fs, "raycv/preds/_raycv_manifest.json"))
     table = pq.read_table("raycv/preds", filesystem=fs)
     assert manifest["rows"] == table.num_rows == 8 and manifest["errors"] == 0
@@ -84,4 +95,4 @@ def test_train_resume_and_infer_on_object_storage(s3, image_tree, tmp_path):
             with fs.open_input_stream(info.path) as f:
                 blob = f.read()
             assert SECRET.encode() not in blob and KEY_ID.encode() not in blob, info.path
-    assert SECRET not in r.stdout + r.stderr
+    assert all(SECRET not in res["stdout"] + res["stderr"] for res in (first, resumed, inferred))
