@@ -50,6 +50,15 @@ def digits_root() -> Path:
     return root
 
 
+def _draw(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, fill) -> None:
+    if kind == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif kind == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+
+
 def _draw_shape(rng: random.Random, size: int, kind: str) -> tuple[Image.Image, list[int]]:
     bg = tuple(rng.randint(0, 90) for _ in range(3))
     fg = tuple(rng.randint(140, 255) for _ in range(3))
@@ -57,12 +66,7 @@ def _draw_shape(rng: random.Random, size: int, kind: str) -> tuple[Image.Image, 
     draw = ImageDraw.Draw(img)
     r = rng.uniform(0.18, 0.38) * size
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
-    if kind == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
-    elif kind == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fg)
-    else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fg)
+    _draw(draw, kind, cx, cy, r, fg)
     box = [round(cx - r), round(cy - r), round(cx + r), round(cy + r)]  # x1, y1, x2, y2
     return img, box
 
@@ -135,13 +139,8 @@ def _draw_scene(rng: random.Random, size: int, max_shapes: int) -> tuple[Image.I
         kind = SCENE_CLASSES[cls]
         one = Image.new("L", (size, size), 0)
         odraw = ImageDraw.Draw(one)
-        for d, fill in ((draw, fg), (mdraw, cls), (odraw, 1)):
-            if kind == "circle":
-                d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-            elif kind == "square":
-                d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-            else:
-                d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        for d, fill in ((draw, fg), (mdraw, cls), (odraw, 1)):  # the image, the class mask, this object alone
+            _draw(d, kind, cx, cy, r, fill)
         ys, xs = np.nonzero(np.asarray(one))
         objects.append({"class": cls, "box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
                         "area": int(len(xs))})

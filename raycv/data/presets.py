@@ -132,26 +132,38 @@ def _square(size: int, nearest: bool = False) -> v2.Resize:
                      v2.InterpolationMode.BILINEAR, antialias=True)
 
 
+class _PairGeometry:
+    """Image (bilinear) and class mask (nearest) to squares of `stored_size`, and normalization."""
+
+    stored_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (3, self.stored_size, self.stored_size)
+
+    def geometry(self, img) -> torch.Tensor:
+        return v2.functional.pil_to_tensor(_square(self.stored_size)(img))
+
+    def mask_geometry(self, mask) -> torch.Tensor:
+        """A PIL class mask (mode P or L) -> (H, W) uint8 at the stored size."""
+        return v2.functional.pil_to_tensor(_square(self.stored_size, nearest=True)(mask))[0]
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        return normalize(batch, self.mean, self.std)
+
+
 @dataclass(frozen=True, kw_only=True)
-class SegmentationEvalPreset:
+class SegmentationEvalPreset(_PairGeometry):
     input_size: int  # the image is resized to an input_size square; predictions are resized back
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     task = "segmentation"
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        return (3, self.input_size, self.input_size)
-
-    def geometry(self, img) -> torch.Tensor:
-        return v2.functional.pil_to_tensor(_square(self.input_size)(img))
-
-    def mask_geometry(self, mask) -> torch.Tensor:
-        """A PIL class mask (mode P or L) -> (H, W) uint8 at the preset's size."""
-        return v2.functional.pil_to_tensor(_square(self.input_size, nearest=True)(mask))[0]
-
-    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        return normalize(batch, self.mean, self.std)
+    def stored_size(self) -> int:
+        return self.input_size
 
     def to_dict(self) -> dict:
         return {"kind": self.task, "input_size": self.input_size, "mean": list(self.mean), "std": list(self.std)}
@@ -162,7 +174,7 @@ class SegmentationEvalPreset:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SegmentationTrainPreset:
+class SegmentationTrainPreset(_PairGeometry):
     input_size: int
     resize_size: int  # image and mask are stored (decoded once) as resize_size squares
     augment: str = "light"  # none | light | standard
@@ -174,14 +186,8 @@ class SegmentationTrainPreset:
     AUGMENTS = ("none", "light", "standard")
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        return (3, self.resize_size, self.resize_size)
-
-    def geometry(self, img) -> torch.Tensor:
-        return v2.functional.pil_to_tensor(_square(self.resize_size)(img))
-
-    def mask_geometry(self, mask) -> torch.Tensor:
-        return v2.functional.pil_to_tensor(_square(self.resize_size, nearest=True)(mask))[0]
+    def stored_size(self) -> int:
+        return self.resize_size
 
     def augment_transform(self) -> v2.Compose:
         size = self.input_size
@@ -211,9 +217,6 @@ class SegmentationTrainPreset:
         pairs = [self._augment(tv_tensors.Image(i), tv_tensors.Mask(m)) for i, m in zip(images, masks)]
         return torch.stack([p[0].as_subclass(torch.Tensor) for p in pairs]), \
             torch.stack([p[1].as_subclass(torch.Tensor) for p in pairs])
-
-    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        return normalize(batch, self.mean, self.std)
 
 
 def eval_preset_from_dict(d: dict):
