@@ -95,8 +95,9 @@ def make_presets(cfg: TrainConfig, mean, std, task: str = "classification"):
 SMALL_SET_ROWS = 5000
 
 
-def decoded(ds: ray.data.Dataset, preset, *, num_cpus: float, cache: bool, rows: int) -> ray.data.Dataset:
-    one = {"concurrency": 1} if rows <= SMALL_SET_ROWS else {}
+def decoded(ds: ray.data.Dataset, preset, *, num_cpus: float, cache: bool, rows: int | None = None) -> ray.data.Dataset:
+    """Decode + the preset's geometry in Ray Data tasks; `rows` (when known) small: one decode process."""
+    one = {"concurrency": 1} if rows is not None and rows <= SMALL_SET_ROWS else {}
     if isinstance(preset, (SegmentationTrainPreset, SegmentationEvalPreset)):
         ds = ds.map_batches(decode_pairs, fn_kwargs={"preset": preset}, batch_size=64, num_cpus=num_cpus, **one)
     else:
