@@ -47,6 +47,8 @@ class DataSection(_Section):
     worker_cache_mb: float = Field(512.0, ge=0.0)
     image_column: str = "image"  # parquet sources: encoded image bytes
     label_column: str = "label"  # parquet sources: integer class index or class name
+    mask_column: str = "mask"  # parquet_segmentation: PNG class masks (pixel value = class index)
+    classes: list[str] | None = None  # segmentation: class names, background first (default: the source's)
     decode_cpus: float = Field(0.5, gt=0.0, le=16.0)  # CPUs per Ray Data decode task
 
 

@@ -79,5 +79,6 @@ def test_cli_lists_models_and_datasets():
     assert r.returncode == 0 and "simple_cnn" in r.stdout and "resnet18_cifar" in r.stdout and "resnet50" in r.stdout
     assert any(ln.split()[:2] == ["deeplabv3_resnet50", "segmentation"] for ln in r.stdout.splitlines())
     r = subprocess.run([sys.executable, "-m", "raycv.cli", "datasets"], capture_output=True, text=True, timeout=120)
-    for name in ("digits", "shapes", "image_folder", "cifar10", "parquet", "shapes_segmentation", "voc_segmentation"):
+    for name in ("digits", "shapes", "image_folder", "cifar10", "parquet", "shapes_segmentation", "voc_segmentation",
+                 "parquet_segmentation"):
         assert name in r.stdout

@@ -242,3 +242,38 @@ def test_segmentation_trains_infers_evaluates_and_draws(ray_session, tmp_path, c
     plain = np.asarray(Image.open(voc / "JPEGImages" / f"{stems[0]}.png").convert("RGB"))
     assert first.shape == (256, 256, 3)  # enlarged 4x to be legible
     assert np.abs(first[20:].astype(int) - plain.repeat(4, 0).repeat(4, 1)[20:]).mean() > 5  # the overlay is there
+
+
+def test_parquet_segmentation_source_reads_images_and_masks(ray_session, tmp_path):
+    """Parquet with image bytes, PNG mask bytes and a path (train/ and val/), as a user would write
+    it with pyarrow: the rows decode to the same masks as the files they came from."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raycv.config import load_config
+    from raycv.data import build_dataset
+
+    scenes = bundled.scenes_root(40, seed=2)
+    for split in ("train", "val"):
+        stems = (scenes / "ImageSets/Segmentation" / f"{split}.txt").read_text().split()
+        (tmp_path / "pq" / split).mkdir(parents=True)
+        pq.write_table(pa.table({
+            "path": [f"scene-{s}" for s in stems],
+            "image": [(scenes / "JPEGImages" / f"{s}.png").read_bytes() for s in stems],
+            "mask": [(scenes / "SegmentationClass" / f"{s}.png").read_bytes() for s in stems]}),
+            tmp_path / "pq" / split / "part-0.parquet", row_group_size=8)
+    cfg = load_config("train", None, ["data.name=parquet_segmentation", f"data.root={tmp_path / 'pq'}",
+                                      "data.classes=[background,circle,square,triangle]"]).data
+    splits = build_dataset(cfg)
+    assert (splits.num_train, splits.num_val) == (32, 8) and splits.classes[0] == "background"
+    rows = sorted(splits.val.take_all(), key=lambda r: r["path"])
+    assert [r["path"] for r in rows] == [f"scene-{i:06d}" for i in range(8)]
+    out = decode_pairs({k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]},
+                       preset=SegmentationEvalPreset(input_size=64))
+    for i, mask in enumerate(out["mask"]):
+        assert np.array_equal(mask, np.asarray(Image.open(scenes / "SegmentationClass" / f"{i:06d}.png")))
+
+    with pytest.raises(UserError, match="needs class names"):
+        build_dataset(cfg.model_copy(update={"classes": None}))
+    with pytest.raises(UserError, match="has no column 'masks'"):
+        build_dataset(cfg.model_copy(update={"mask_column": "masks"}))

@@ -265,6 +265,11 @@ VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
                "tvmonitor")
 
 
+def _classes_file(root: str) -> list[str] | None:
+    text = read_text(f"{root}/classes.txt")
+    return [c.strip() for c in text.splitlines() if c.strip()] if text else None
+
+
 def _voc_pairs(root: str, stems: list[str], images: dict[str, str], masks: dict[str, str], listed_in: str):
     missing = [s for s in stems if s not in images or s not in masks]
     if missing:
@@ -283,8 +288,7 @@ def voc_items(root: str, val_fraction: float, seed: int) -> tuple[list[str], lis
     stem = lambda p: p.rsplit("/", 1)[-1].rsplit(".", 1)[0]  # noqa: E731
     images = {stem(p): p for p in list_files(f"{root}/JPEGImages", IMAGE_EXTENSIONS)}
     masks = {stem(p): p for p in list_files(f"{root}/SegmentationClass", (".png",))}
-    text = read_text(f"{root}/classes.txt")
-    classes = [c.strip() for c in text.splitlines() if c.strip()] if text else list(VOC_CLASSES)
+    classes = _classes_file(root) or list(VOC_CLASSES)
     lists = f"{root}/ImageSets/Segmentation"
     train_txt, val_txt = read_text(f"{lists}/train.txt"), read_text(f"{lists}/val.txt")
     if train_txt is not None and val_txt is not None:
@@ -312,6 +316,7 @@ def _pair_rows(pairs: list[tuple[str, str]], *, embed_bytes: bool) -> ray.data.D
 
 def _voc_splits(root: str, cfg: DataSection, *, embed_bytes: bool, mean, std) -> DatasetSplits:
     classes, train, val = voc_items(root, cfg.val_fraction, cfg.seed)
+    classes = cfg.classes or classes
     return DatasetSplits(classes, _pair_rows(train, embed_bytes=embed_bytes), _pair_rows(val, embed_bytes=embed_bytes),
                          len(train), len(val), mean, std)
 
@@ -329,3 +334,58 @@ def shapes_segmentation(cfg: DataSection) -> DatasetSplits:
     root = bundled.scenes_root(cfg.num_samples, cfg.seed, val_fraction=cfg.val_fraction)
     return _voc_splits(str(root), cfg, embed_bytes=True, mean=tuple(cfg.mean or (0.2,) * 3),
                        std=tuple(cfg.std or (0.3,) * 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Semantic segmentation from Parquet: encoded image bytes (data.image_column) and a PNG class mask
+# (data.mask_column) per row, an optional `path` id; train/ + val/ subfolders or a seeded split.
+# Class names: data.classes, else <root>/classes.txt.
+# ----------------------------------------------------------------------------------------------
+
+
+def _parquet_pairs(batch: dict[str, np.ndarray], *, image_column: str, mask_column: str, source: str):
+    n = len(batch[image_column])
+    paths = batch["path"] if "path" in batch else np.asarray([f"{source}#{i}" for i in range(n)], dtype=object)
+    return {"path": paths, "mask_path": np.asarray([f"{p} ({mask_column})" for p in paths], dtype=object),
+            "bytes": batch[image_column], "mask_bytes": batch[mask_column]}
+
+
+def _parquet_pair_split(path: str, cfg: DataSection) -> tuple[ray.data.Dataset, int]:
+    import pyarrow.parquet as pq
+
+    files = [f for f in list_files(path) if f.endswith(".parquet")]
+    if not files:
+        raise UserError(f"no .parquet files under {path}")
+    rows = 0
+    for f in files:
+        fs, p = resolve(f)
+        meta = pq.read_metadata(p, filesystem=fs)
+        names = meta.schema.names
+        for col in (cfg.image_column, cfg.mask_column):
+            if col not in names:
+                raise UserError(f"parquet {f} has no column {col!r} (columns: {', '.join(names)}); "
+                                f"set data.image_column / data.mask_column")
+        rows += meta.num_rows
+    cols = [cfg.image_column, cfg.mask_column] + (["path"] if "path" in names else [])
+    ds = read_parquet_rows(files, cols, num_cpus=cfg.decode_cpus)
+    return ds.map_batches(_parquet_pairs, fn_kwargs=dict(image_column=cfg.image_column, mask_column=cfg.mask_column,
+                                                         source=path), batch_format="numpy",
+                          num_cpus=cfg.decode_cpus), rows
+
+
+@register_dataset("parquet_segmentation", needs_root=True, task="segmentation",
+                  description="segmentation from Parquet: image bytes (data.image_column) + PNG class mask (data.mask_column); train/ and val/ subfolders or a split; data.classes or classes.txt")
+def parquet_segmentation(cfg: DataSection) -> DatasetSplits:
+    root = cfg.root.rstrip("/")
+    classes = cfg.classes or _classes_file(root)
+    if not classes:
+        raise UserError(f"parquet_segmentation needs class names: data.classes=[background,...] or {root}/classes.txt")
+    if is_dir(f"{root}/train") and is_dir(f"{root}/val"):
+        (train, n_train), (val, n_val) = _parquet_pair_split(f"{root}/train", cfg), _parquet_pair_split(f"{root}/val", cfg)
+    else:
+        whole, n = _parquet_pair_split(root, cfg)
+        train, val = whole.materialize().train_test_split(test_size=cfg.val_fraction, shuffle=True, seed=cfg.seed)
+        n_val = val.count()
+        n_train = n - n_val
+    return DatasetSplits(classes, train, val, n_train, n_val, tuple(cfg.mean or IMAGENET_MEAN),
+                         tuple(cfg.std or IMAGENET_STD))
