@@ -1,4 +1,4 @@
-"""Benchmarks are not tests; this tiny smoke only keeps the inference benchmark script working."""
+"""Benchmarks are not tests; these tiny smokes only keep the inference benchmark scripts working."""
 
 import json
 import os
@@ -25,3 +25,13 @@ def test_infer_bench_smoke(tmp_path):
                                                    "raycv infer, infer.decode_in_actor=true"]
     assert all(row["steady_images_per_second"] > 0 for row in rows) and rows[0]["ratio_vs_bare"] == 1.0
     assert all(row["peak_GiB_N"] > 0.1 and row["peak_GiB_scaleN"] > 0.1 for row in rows[1:])  # Ray + torch: > 100 MiB
+
+
+@pytest.mark.slow
+def test_infer_cpu_bench_smoke(tmp_path):
+    out = tmp_path / "cpu.json"
+    r = subprocess.run([sys.executable, "bench/infer_cpu.py", "--images", "8", "--size", "32", "--json", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert rows[0]["cpu_seconds"] > 0 and any(row["role"].startswith("predictor actor") for row in rows)
