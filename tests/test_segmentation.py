@@ -90,7 +90,11 @@ def test_voc_tree_reads_and_decodes_with_void_kept(tmp_path):
     # 2007_000004 shows a dog (12), 2007_000005 a person (15); nearest resizing blends no labels
     assert set(np.unique(out["mask"][0])) == {0, 255, 12} and set(np.unique(out["mask"][1])) == {0, 255, 15}
 
-    # A mask of the wrong size, and a listed id without files: one line each, naming the file.
+    # A class index beyond the classes (VOC's 15 against 4 classes), a mask of the wrong size, and a
+    # listed id without files: one line each, naming the file.
+    with pytest.raises(UserError, match=r"mask .*2007_000005.png has class index 15 but there are 4 classes"):
+        decode_pairs({"path": np.array([val[1][0]], dtype=object), "mask_path": np.array([val[1][1]], dtype=object)},
+                     preset=preset, num_classes=4)
     Image.new("P", (10, 10)).save(root / "SegmentationClass" / "2007_000005.png")
     with pytest.raises(UserError, match=r"mask .*2007_000005.png is 10x10 but its image .* is 40x30"):
         decode_pairs({"path": np.array([val[1][0]], dtype=object), "mask_path": np.array([val[1][1]], dtype=object)},

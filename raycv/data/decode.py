@@ -123,10 +123,19 @@ def open_mask(data: bytes) -> Image.Image:
     return Image.frombytes("L", m.size, m.tobytes()) if m.mode == "P" else m  # P: keep the indices, drop the palette
 
 
-def decode_pairs(batch: dict[str, np.ndarray], *, preset) -> dict[str, np.ndarray]:
+def check_mask_classes(mask: np.ndarray, num_classes: int, where: str) -> None:
+    """Every pixel is a class index below num_classes, or 255 (void): else one line naming the file."""
+    bad = mask[(mask >= num_classes) & (mask != 255)]
+    if bad.size:
+        raise UserError(f"mask {where} has class index {int(bad.max())} but there are {num_classes} classes "
+                        f"(0-{num_classes - 1}, 255 = void); check data.classes / classes.txt")
+
+
+def decode_pairs(batch: dict[str, np.ndarray], *, preset, num_classes: int | None = None) -> dict[str, np.ndarray]:
     """Ray Data map_batches fn for segmentation training: rows with `path`/`bytes` (the image) and
     `mask_path`/`mask_bytes` -> `image` (N, C, S, S) uint8 and `mask` (N, S, S) uint8 at the preset's
-    size. A bad image or mask, or one whose size differs from its image, stops the run naming it."""
+    size. A bad image or mask, one whose size differs from its image, or (given `num_classes`) one
+    with a class index out of range stops the run naming it."""
     from raycv.data.io import read_bytes
 
     images, masks = [], []
@@ -145,6 +154,8 @@ def decode_pairs(batch: dict[str, np.ndarray], *, preset) -> dict[str, np.ndarra
         if mask.size != img.size:
             raise UserError(f"mask {mask_path} is {mask.size[0]}x{mask.size[1]} but its image {path} is "
                             f"{img.size[0]}x{img.size[1]}")
+        if num_classes is not None:
+            check_mask_classes(np.asarray(mask), num_classes, str(mask_path))
         images.append(np.asarray(preset.geometry(img)))
         masks.append(np.asarray(preset.mask_geometry(mask)))
     return {"image": np.stack(images), "mask": np.stack(masks)}

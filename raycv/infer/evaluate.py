@@ -110,7 +110,7 @@ def evaluate_segmentation(predictions: str, table, classes: list[str], *, labels
     from PIL import Image
     from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-    from raycv.data.decode import open_mask
+    from raycv.data.decode import check_mask_classes, open_mask
     from raycv.data.io import read_bytes
     from raycv.data.presets import IGNORE_INDEX
 
@@ -131,6 +131,7 @@ def evaluate_segmentation(predictions: str, table, classes: list[str], *, labels
             raise UserError(f"no true mask for {path}: {where} does not exist") from None
         except ValueError as e:
             raise UserError(f"cannot read the true mask {where}: {e}") from None
+        check_mask_classes(truth, k, where)
         pred = np.asarray(Image.open(io.BytesIO(png)))
         if pred.shape != truth.shape:
             raise UserError(f"the true mask {where} is {truth.shape[1]}x{truth.shape[0]} but the prediction for "

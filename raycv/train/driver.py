@@ -95,11 +95,14 @@ def make_presets(cfg: TrainConfig, mean, std, task: str = "classification"):
 SMALL_SET_ROWS = 5000
 
 
-def decoded(ds: ray.data.Dataset, preset, *, num_cpus: float, cache: bool, rows: int | None = None) -> ray.data.Dataset:
-    """Decode + the preset's geometry in Ray Data tasks; `rows` (when known) small: one decode process."""
+def decoded(ds: ray.data.Dataset, preset, *, num_cpus: float, cache: bool, rows: int | None = None,
+            num_classes: int | None = None) -> ray.data.Dataset:
+    """Decode + the preset's geometry in Ray Data tasks; `rows` (when known) small: one decode process.
+    Segmentation masks are checked against `num_classes`."""
     one = {"concurrency": 1} if rows is not None and rows <= SMALL_SET_ROWS else {}
     if isinstance(preset, (SegmentationTrainPreset, SegmentationEvalPreset)):
-        ds = ds.map_batches(decode_pairs, fn_kwargs={"preset": preset}, batch_size=64, num_cpus=num_cpus, **one)
+        ds = ds.map_batches(decode_pairs, fn_kwargs={"preset": preset, "num_classes": num_classes}, batch_size=64,
+                            num_cpus=num_cpus, **one)
     else:
         ds = ds.map_batches(decode_batch, fn_kwargs={"geometry": preset.geometry, "shape": preset.shape,
                                                      "with_path": False}, batch_size=64, num_cpus=num_cpus, **one)
@@ -186,8 +189,9 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
     shard_mb = splits.num_train / cfg.scaling.fewest_workers * 3 * train_preset.resize_size ** 2 / 1e6
     worker_cache = task == "classification" and cfg.data.cache and 0 < shard_mb <= cfg.data.worker_cache_mb
     train_ds = decoded(splits.train, train_preset, num_cpus=cfg.data.decode_cpus, cache=cfg.data.cache,
-                       rows=splits.num_train)
-    val_ds = decoded(splits.val, eval_preset, num_cpus=cfg.data.decode_cpus, cache=cfg.data.cache, rows=splits.num_val)
+                       rows=splits.num_train, num_classes=len(splits.classes))
+    val_ds = decoded(splits.val, eval_preset, num_cpus=cfg.data.decode_cpus, cache=cfg.data.cache, rows=splits.num_val,
+                     num_classes=len(splits.classes))
 
     order = "max" if cfg.train.checkpoint_metric != "val_loss" else "min"
     trainer = TorchTrainer(
