@@ -182,37 +182,41 @@ def _read_row_group(batch: dict[str, np.ndarray], *, columns: list[str]) -> dict
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in columns}
 
 
-def read_parquet_rows(files: list[str], columns: list[str], *, num_cpus: float) -> ray.data.Dataset:
-    """Parquet files as a stream of row groups, read in tasks that ask for `num_cpus` each.
+def read_parquet_rows(files: list[str], columns: list[str], *, num_cpus: float,
+                      optional: tuple[str, ...] = (), hint: str = "") -> tuple[ray.data.Dataset, int]:
+    """(Parquet files as a stream of row groups read in tasks that ask for `num_cpus` each, their row
+    count). `columns` must be in every file (else one line naming the file); `optional` ones are read
+    where the first file has them. The count comes from the footers read here: counting the dataset
+    would read every image.
 
     Not `ray.data.read_parquet`: in Ray 2.58 it adds a file-listing task that always asks for a
     whole CPU, which waits forever beside a predictor actor or training workers holding the rest of
     a small machine."""
     import pyarrow.parquet as pq
 
-    items = []
+    items, rows, first = [], 0, None
     for f in files:
         fs, p = resolve(f)
         with fs.open_input_file(p) as fh:
             meta = pq.ParquetFile(fh).metadata
+        names = meta.schema.names
+        first = first or names
+        for col in columns:
+            if col not in names:
+                raise UserError(f"parquet {f} has no column {col!r} (columns: {', '.join(names)}){hint}")
         items += [{"file": f, "row_group": i} for i in range(meta.num_row_groups) if meta.row_group(i).num_rows]
+        rows += meta.num_rows
+    wanted = list(columns) + [c for c in optional if c in (first or [])]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    return ds.map_batches(_read_row_group, fn_kwargs={"columns": columns}, batch_size=1, num_cpus=num_cpus)
+    return ds.map_batches(_read_row_group, fn_kwargs={"columns": wanted}, batch_size=1, num_cpus=num_cpus), rows
 
 
-def _parquet_split(path: str, cfg: DataSection) -> ray.data.Dataset:
-    import pyarrow.parquet as pq
-
+def _parquet_split(path: str, cfg: DataSection) -> tuple[ray.data.Dataset, int]:
     files = [f for f in list_files(path) if f.endswith(".parquet")]
     if not files:
         raise UserError(f"no .parquet files under {path}")
-    fs, p = resolve(files[0])
-    names = pq.read_schema(p, filesystem=fs).names
-    for col in (cfg.image_column, cfg.label_column):
-        if col not in names:
-            raise UserError(f"parquet {path} has no column {col!r} (columns: {', '.join(names)})")
-    cols = [cfg.image_column, cfg.label_column] + (["path"] if "path" in names else [])
-    return read_parquet_rows(files, cols, num_cpus=cfg.decode_cpus)
+    return read_parquet_rows(files, [cfg.image_column, cfg.label_column], num_cpus=cfg.decode_cpus,
+                             optional=("path",))
 
 
 def _parquet_classes(dss: list[ray.data.Dataset], label_column: str) -> tuple[list[str], bool]:
@@ -241,16 +245,18 @@ def _parquet_rows(batch: dict[str, np.ndarray], *, image_column: str, label_colu
 def parquet(cfg: DataSection) -> DatasetSplits:
     root = cfg.root.rstrip("/")
     if is_dir(f"{root}/train") and is_dir(f"{root}/val"):
-        train, val = _parquet_split(f"{root}/train", cfg), _parquet_split(f"{root}/val", cfg)
+        (train, n_train), (val, n_val) = _parquet_split(f"{root}/train", cfg), _parquet_split(f"{root}/val", cfg)
     else:
-        whole = _parquet_split(root, cfg).materialize()
-        train, val = whole.train_test_split(test_size=cfg.val_fraction, shuffle=True, seed=cfg.seed)
+        whole, n = _parquet_split(root, cfg)
+        train, val = whole.materialize().train_test_split(test_size=cfg.val_fraction, shuffle=True, seed=cfg.seed)
+        n_val = val.count()  # materialized: counted from block metadata
+        n_train = n - n_val
     classes, by_name = _parquet_classes([train, val], cfg.label_column)
     fn_kwargs = dict(image_column=cfg.image_column, label_column=cfg.label_column,
                      index={c: i for i, c in enumerate(classes)} if by_name else None, source=root)
     train = train.map_batches(_parquet_rows, fn_kwargs=fn_kwargs, batch_format="numpy", num_cpus=cfg.decode_cpus)
     val = val.map_batches(_parquet_rows, fn_kwargs=fn_kwargs, batch_format="numpy", num_cpus=cfg.decode_cpus)
-    return DatasetSplits(classes, train, val, train.count(), val.count(),
+    return DatasetSplits(classes, train, val, n_train, n_val,
                          tuple(cfg.mean or IMAGENET_MEAN), tuple(cfg.std or IMAGENET_STD))
 
 
@@ -351,23 +357,11 @@ def _parquet_pairs(batch: dict[str, np.ndarray], *, image_column: str, mask_colu
 
 
 def _parquet_pair_split(path: str, cfg: DataSection) -> tuple[ray.data.Dataset, int]:
-    import pyarrow.parquet as pq
-
     files = [f for f in list_files(path) if f.endswith(".parquet")]
     if not files:
         raise UserError(f"no .parquet files under {path}")
-    rows = 0
-    for f in files:
-        fs, p = resolve(f)
-        meta = pq.read_metadata(p, filesystem=fs)
-        names = meta.schema.names
-        for col in (cfg.image_column, cfg.mask_column):
-            if col not in names:
-                raise UserError(f"parquet {f} has no column {col!r} (columns: {', '.join(names)}); "
-                                f"set data.image_column / data.mask_column")
-        rows += meta.num_rows
-    cols = [cfg.image_column, cfg.mask_column] + (["path"] if "path" in names else [])
-    ds = read_parquet_rows(files, cols, num_cpus=cfg.decode_cpus)
+    ds, rows = read_parquet_rows(files, [cfg.image_column, cfg.mask_column], num_cpus=cfg.decode_cpus,
+                                 optional=("path",), hint="; set data.image_column / data.mask_column")
     return ds.map_batches(_parquet_pairs, fn_kwargs=dict(image_column=cfg.image_column, mask_column=cfg.mask_column,
                                                          source=path), batch_format="numpy",
                           num_cpus=cfg.decode_cpus), rows

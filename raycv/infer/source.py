@@ -47,13 +47,14 @@ def open_input(cfg: InferConfig, done: set[str]) -> InputRows:
         files = [f for f in list_files(spec) if f.endswith(".parquet")]
         cpus = cfg.data.decode_cpus
         _check_parquet_columns(spec, files, cfg.infer.path_column, cfg.infer.image_column)
-        ds = read_parquet_rows(files, [cfg.infer.path_column, cfg.infer.image_column], num_cpus=cpus)
+        ds, count = read_parquet_rows(files, [cfg.infer.path_column, cfg.infer.image_column], num_cpus=cpus)
         ds = ds.map_batches(_rename, fn_kwargs={"path": cfg.infer.path_column, "image": cfg.infer.image_column},
                             batch_format="numpy", num_cpus=cpus)
         if done:
             ds = ds.map_batches(_drop_done, fn_kwargs={"done": frozenset(done)}, batch_format="numpy", num_cpus=cpus)
             ds = ds.materialize()
-        return InputRows(ds, ds.count())
+            count = ds.count()  # materialized: counted from block metadata
+        return InputRows(ds, count)
 
     paths = [p for p in list_files(spec, IMAGE_EXTENSIONS) if p not in done]
     if not paths and not done:
