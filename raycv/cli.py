@@ -33,12 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="Parquet output directory")
     p = sub.add_parser("evaluate", help="score predictions against a labelled source")
     p.add_argument("--predictions", required=True, help="Parquet predictions written by `raycv infer`")
-    p.add_argument("--labels", help="labelled source (default: the labels in the predictions' paths' folders)")
+    p.add_argument("--labels", help="labelled source (default: found from the images' paths): classification, a Parquet "
+                                    "of path + label; segmentation, a folder of class-mask PNGs; detection, a COCO "
+                                    "instances JSON")
     p.add_argument("--output", help="folder for metrics.json and confusion_matrix.png")
-    p = sub.add_parser("draw", help="draw predictions onto their images (mask overlays, labels) as PNGs to look at")
+    p = sub.add_parser("draw", help="draw predictions onto their images (boxes, mask overlays, labels) as PNGs to look at")
     p.add_argument("--predictions", required=True, help="Parquet predictions written by `raycv infer`")
     p.add_argument("--output", required=True, help="folder for the PNGs")
     p.add_argument("--limit", type=int, default=16, help="draw the first N rows by path (default 16)")
+    p.add_argument("--score-threshold", type=float, default=0.5,
+                   help="detection: draw boxes scoring at least this (default 0.5)")
     p = sub.add_parser("submit", help="run train/infer/evaluate on a Ray cluster as a Ray job",
                        description="Validate a train/infer/evaluate invocation here, then submit it as a Ray job. "
                                    "Example: raycv submit --address http://127.0.0.1:8265 --wait train train.epochs=3")
@@ -118,8 +122,9 @@ def cmd_evaluate(args) -> int:
     from raycv.infer.evaluate import evaluate_predictions
 
     report = evaluate_predictions(args.predictions, labels=args.labels, output=args.output)
-    keys = ("rows", "scored", "miou", "pixel_accuracy") if report["task"] == "segmentation" else \
-        ("rows", "scored", "top1", "top5")
+    keys = {"segmentation": ("rows", "scored", "miou", "pixel_accuracy"),
+            "detection": ("rows", "scored", "map", "map_50", "map_75", "mar_100")}.get(report["task"],
+                                                                                     ("rows", "scored", "top1", "top5"))
     print(json.dumps({k: report[k] for k in keys}))
     if args.output:
         print(f"report: {args.output}")
@@ -129,7 +134,7 @@ def cmd_evaluate(args) -> int:
 def cmd_draw(args) -> int:
     from raycv.infer.draw import draw_predictions
 
-    written = draw_predictions(args.predictions, args.output, limit=args.limit)
+    written = draw_predictions(args.predictions, args.output, limit=args.limit, score_threshold=args.score_threshold)
     print(f"drew {len(written)} image(s) into {args.output}")
     return 0
 

@@ -48,7 +48,9 @@ class DataSection(_Section):
     image_column: str = "image"  # parquet sources: encoded image bytes
     label_column: str = "label"  # parquet sources: integer class index or class name
     mask_column: str = "mask"  # parquet_segmentation: PNG class masks (pixel value = class index)
-    classes: list[str] | None = None  # segmentation: class names, background first (default: the source's)
+    boxes_column: str = "boxes"  # parquet_detection: [[x1, y1, x2, y2], ...] per image, pixels
+    labels_column: str = "labels"  # parquet_detection: class index (1..K) or name per box
+    classes: list[str] | None = None  # segmentation / detection: class names, background first (default: the source's)
     decode_cpus: float = Field(0.5, gt=0.0, le=16.0)  # CPUs per Ray Data decode task
 
 
@@ -76,8 +78,10 @@ class TrainSection(_Section):
     step_epochs: int = Field(30, ge=1)  # step schedule: decay every this many epochs
     step_gamma: float = Field(0.1, gt=0.0, le=1.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    # ranks checkpoints (best N kept, early stopping); default: the task's (val_accuracy; segmentation val_miou)
-    checkpoint_metric: Literal["val_accuracy", "val_top5", "val_loss", "val_miou", "val_pixel_accuracy"] | None = None
+    # ranks checkpoints (best N kept, early stopping); default: the task's (val_accuracy; segmentation
+    # val_miou; detection val_map, COCO's mAP@[.5:.95])
+    checkpoint_metric: Literal["val_accuracy", "val_top5", "val_loss", "val_miou", "val_pixel_accuracy",
+                               "val_map", "val_map50"] | None = None
     keep_checkpoints: int = Field(2, ge=1)  # best N by checkpoint_metric (the latest is always kept)
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint (-1: forever)
     seed: int = 0
@@ -138,6 +142,8 @@ class InferSection(_Section):
     output: str | None = None  # Parquet output directory
     batch_size: int = Field(64, ge=1)
     topk: int = Field(5, ge=1)
+    score_threshold: float = Field(0.05, ge=0.0, le=1.0)  # detection: keep boxes scoring at least this
+    max_detections: int = Field(100, ge=1)  # detection: at most this many boxes per image, best first
     embedding: bool = False  # add the penultimate features as an `embedding` column
     mode: Literal["error", "overwrite", "resume"] = "error"  # what to do when output exists
     max_error_fraction: float = Field(1.0, ge=0.0, le=1.0)  # fail the job above this share of bad inputs

@@ -10,10 +10,14 @@ from raycv.errors import UserError
 METRICS: dict[str, tuple[str, ...]] = {
     "classification": ("val_accuracy", "val_top5", "val_loss"),
     "segmentation": ("val_miou", "val_pixel_accuracy", "val_loss"),
+    # COCO mAP@[.5:.95] and mAP@.5 (torchmetrics over pycocotools); torchvision detection models
+    # compute losses only in training mode, so there is no validation loss
+    "detection": ("val_map", "val_map50"),
 }
-DEFAULT_METRIC = {"classification": "val_accuracy", "segmentation": "val_miou"}
+DEFAULT_METRIC = {"classification": "val_accuracy", "segmentation": "val_miou", "detection": "val_map"}
 SHOWN = {"classification": (("val_accuracy", "val_acc"), ("val_top5", "top5")),
-         "segmentation": (("val_miou", "mIoU"), ("val_pixel_accuracy", "pix_acc"))}
+         "segmentation": (("val_miou", "mIoU"), ("val_pixel_accuracy", "pix_acc")),
+         "detection": (("val_map", "mAP"), ("val_map50", "mAP50"))}
 
 
 def checkpoint_metric(task: str, asked: str | None) -> str:

@@ -10,7 +10,8 @@ from raycv.models import get_model, list_models, register_model
 # The whole raycv registry plus a CPU-sized cross-section of torchvision's families.
 TORCHVISION_SUBSET = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5", "squeezenet1_1",
                       "regnet_x_400mf", "densenet121", "convnext_tiny", "lraspp_mobilenet_v3_large",
-                      "deeplabv3_mobilenet_v3_large"]
+                      "deeplabv3_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn",
+                      "ssdlite320_mobilenet_v3_large"]
 OWN = [e.name for e in list_models() if e.source == "raycv"]
 
 
@@ -20,6 +21,16 @@ def test_forward_shape_and_finite(name):
     entry = next(e for e in list_models() if e.name == name)
     size = min(entry.default_input_size, 64) if entry.source == "torchvision" else entry.default_input_size
     model = get_model(name, num_classes=7).eval()
+    if entry.task == "detection":  # torchvision's list of images in, one dict of boxes / labels / scores each out
+        with torch.no_grad():
+            out = model(list(torch.rand(2, 3, size, size)))
+        assert len(out) == 2 and all(set(o) == {"boxes", "labels", "scores"} for o in out)
+        assert all(o["boxes"].shape[1:] == (4,) and ((o["labels"] >= 0) & (o["labels"] < 7)).all() for o in out)
+        model.train()  # and in training mode, its own losses
+        losses = model(list(torch.rand(2, 3, size, size)), [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]),
+                                                             "labels": torch.tensor([3])}] * 2)
+        assert losses and all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
+        return
     with torch.no_grad():
         out = model(torch.randn(2, 3, size, size))
     if entry.task == "segmentation":  # torchvision's output dict, logits at the input size

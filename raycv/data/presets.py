@@ -219,8 +219,117 @@ class SegmentationTrainPreset(_PairGeometry):
             torch.stack([p[1].as_subclass(torch.Tensor) for p in pairs])
 
 
+# ----------------------------------------------------------------------------------------------
+# Object detection: images are letterboxed (the longer side scaled to the square's side, the aspect
+# kept, the rest padded with black at the bottom and right, as torchvision's detection transform
+# pads a batch), so one scale factor maps boxes in and out. torchvision detection models take
+# float images in [0, 1] and normalize them themselves; boxes are (N, 4) x1, y1, x2, y2 in pixels.
+# ----------------------------------------------------------------------------------------------
+
+
+def letterbox_size(height: int, width: int, side: int) -> tuple[int, int]:
+    """(height, width) of an image letterboxed into a `side` square, before padding."""
+    s = side / max(height, width)
+    return max(1, min(side, round(height * s))), max(1, min(side, round(width * s)))
+
+
+class _Letterbox:
+    stored_size: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (3, self.stored_size, self.stored_size)
+
+    def geometry(self, img) -> torch.Tensor:
+        """PIL RGB -> (3, S, S) uint8: letterboxed into the stored square."""
+        side = self.stored_size
+        h, w = letterbox_size(img.height, img.width, side)
+        x = v2.functional.pil_to_tensor(img.resize((w, h), resample=2) if (h, w) != (img.height, img.width) else img)
+        return torch.nn.functional.pad(x, (0, side - w, 0, side - h)) if (h, w) != (side, side) else x
+
+    def box_scale(self, height: int, width: int) -> tuple[float, float]:
+        """(x, y) factors from original pixels to the stored square's pixels."""
+        h, w = letterbox_size(height, width, self.stored_size)
+        return w / width, h / height
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 -> float in [0, 1]: the detection model normalizes with its own mean and std."""
+        return batch.float().div_(255.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetectionEvalPreset(_Letterbox):
+    input_size: int  # images are letterboxed into an input_size square; boxes are mapped back
+    task = "detection"
+
+    @property
+    def stored_size(self) -> int:
+        return self.input_size
+
+    def to_dict(self) -> dict:
+        return {"kind": self.task, "input_size": self.input_size}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DetectionEvalPreset":
+        return cls(input_size=int(d["input_size"]))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetectionTrainPreset(_Letterbox):
+    input_size: int
+    resize_size: int  # images are stored (decoded once) letterboxed into resize_size squares
+    augment: str = "light"  # none | light | standard
+    hflip: bool = True
+    _augment: v2.Compose | None = field(default=None, init=False, repr=False, compare=False)
+
+    AUGMENTS = ("none", "light", "standard")
+
+    @property
+    def stored_size(self) -> int:
+        return self.resize_size
+
+    def augment_transform(self) -> v2.Compose:
+        size = self.input_size
+        if self.augment == "none":
+            steps: list = []
+        elif self.augment == "light":  # small shifts and zooms
+            steps = [v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=(0.8, 1.2))]
+        elif self.augment == "standard":  # torchvision's references/detection "ssd" policy
+            steps = [v2.RandomPhotometricDistort(p=0.5), v2.RandomZoomOut(fill=0, side_range=(1.0, 2.0)),
+                     v2.RandomIoUCrop()]
+        else:
+            raise ValueError(f"augment {self.augment!r} is not available for detection "
+                             f"(valid: {', '.join(self.AUGMENTS)})")
+        if self.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        steps += [v2.Resize((size, size), antialias=True), v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()]
+        return v2.Compose(steps)
+
+    def augment_targets(self, images: torch.Tensor, boxes: list[torch.Tensor], labels: list[torch.Tensor]):
+        """(B, 3, S, S) uint8 images with their (n_i, 4) boxes and (n_i,) labels -> the same at
+        input_size, each image through one draw of the random geometry with its boxes; boxes that
+        leave the image or shrink to nothing go, with their labels."""
+        from torchvision import tv_tensors
+
+        if self.augment == "none" and not self.hflip and images.shape[-1] == self.input_size:
+            return images, boxes, labels
+        if self._augment is None:
+            object.__setattr__(self, "_augment", self.augment_transform())
+        canvas = tuple(images.shape[-2:])
+        out_i, out_b, out_l = [], [], []
+        for img, b, lbl in zip(images, boxes, labels):
+            i, t = self._augment(tv_tensors.Image(img), {
+                "boxes": tv_tensors.BoundingBoxes(b, format="XYXY", canvas_size=canvas), "labels": lbl})
+            out_i.append(i.as_subclass(torch.Tensor))
+            out_b.append(t["boxes"].as_subclass(torch.Tensor))
+            out_l.append(t["labels"])
+        return torch.stack(out_i), out_b, out_l
+
+
 def eval_preset_from_dict(d: dict):
-    """A stored eval preset (checkpoints, Parquet metadata): segmentation ones say so in `kind`."""
+    """A stored eval preset (checkpoints, Parquet metadata): segmentation and detection ones say so in `kind`."""
     if d.get("kind") == "segmentation":
         return SegmentationEvalPreset.from_dict(d)
+    if d.get("kind") == "detection":
+        return DetectionEvalPreset.from_dict(d)
     return ClassificationEvalPreset.from_dict(d)

@@ -1,6 +1,7 @@
-"""`raycv draw`: predictions drawn onto their images, so a person can look. Segmentation masks are
-overlaid in VOC colours (torchvision's `draw_segmentation_masks`), classification labels written
-in a corner (`draw_bounding_boxes`). Small images are enlarged first so the drawing is legible."""
+"""`raycv draw`: predictions drawn onto their images, so a person can look. Detections are boxes
+with their class and score (torchvision's `draw_bounding_boxes`, one VOC colour per class),
+segmentation masks are overlaid in VOC colours (`draw_segmentation_masks`), classification labels
+written in a corner. Small images are enlarged first so the drawing is legible."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def _enlarge(img: torch.Tensor, factor: int) -> torch.Tensor:
     return img.repeat_interleave(factor, 1).repeat_interleave(factor, 2) if factor > 1 else img
 
 
-def draw_predictions(predictions: str, output: str, *, limit: int = 16, alpha: float = 0.5) -> list[Path]:
+def draw_predictions(predictions: str, output: str, *, limit: int = 16, alpha: float = 0.5,
+                     score_threshold: float = 0.5) -> list[Path]:
     from PIL import Image
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
@@ -52,6 +54,14 @@ def draw_predictions(predictions: str, output: str, *, limit: int = 16, alpha: f
                 img = draw_segmentation_masks(img, torch.stack([mask == k for k in present]), alpha=alpha,
                                               colors=[tuple(int(c) for c in palette[k]) for k in present])
             caption = ", ".join(f"{classes[k]} {row['class_fractions'][k]:.0%}" for k in present) or "background"
+        elif task == "detection":
+            keep = [j for j, s in enumerate(row["scores"]) if s >= score_threshold]
+            if keep:
+                boxes = torch.tensor([row["boxes"][j] for j in keep], dtype=torch.float32) * factor
+                img = draw_bounding_boxes(img, boxes, labels=[f"{row['labels'][j]} {row['scores'][j]:.2f}" for j in keep],
+                                          colors=[tuple(int(c) for c in palette[row["label_indices"][j] % 256])
+                                                  for j in keep], width=2, fill_labels=True, label_colors="white")
+            caption = f"{len(keep)} detection(s) >= {score_threshold:g}"
         else:
             caption = f"{row['label']} {row['score']:.2f}"
         h, w = img.shape[1:]

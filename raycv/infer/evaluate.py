@@ -7,6 +7,12 @@ precision and recall and the confusion matrix, as JSON and as a PNG.
 Segmentation: the true class mask of `.../JPEGImages/<id>.<ext>` is `.../SegmentationClass/<id>.png`
 (VOC layout), or `<labels>/<id>.png` with `--labels FOLDER`. Reports mIoU, pixel accuracy and
 per-class IoU over every pixel at the images' original sizes (torchmetrics; 255 = void).
+
+Detection: true boxes come from COCO instances JSON: `--labels FILE.json`, or found beside the
+images as COCO and raycv's scenes lay them out (`<root>/<images>/<file>` ->
+`<root>/annotations/instances_*.json`). Reports COCO mAP@[.5:.95], mAP@.5, mAP@.75, by object
+size, mAR@100 and per-class AP (torchmetrics over pycocotools), in original-image pixels. Crowd
+regions are not scored; classes are matched by name.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ def evaluate_predictions(predictions: str, *, labels: str | None = None, output:
         raise UserError(f"{predictions} has no rows to evaluate")
     if manifest.metadata.get("task") == "segmentation":
         return evaluate_segmentation(predictions, table, classes, labels=labels, output=output)
+    if manifest.metadata.get("task") == "detection":
+        return evaluate_detection(predictions, table, labels=labels, output=output)
     paths = table.column("path").to_pylist()
     pred = table.column("label").to_pylist()
     topk = table.column("topk_labels").to_pylist()
@@ -148,6 +156,92 @@ def evaluate_segmentation(predictions: str, table, classes: list[str], *, labels
               "per_class": {c: {"iou": float(v), "true_pixels": int(n)} for c, v, n in
                             zip(classes, per_class.compute().tolist(), pixels)},
               "classes": classes}
+    if output:
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _coco_truth(paths: list[str], labels: str | None) -> tuple[list[str], dict[str, dict]]:
+    """(class names of the annotations, {image path or file name: {"boxes", "labels"}})."""
+    from raycv.data.io import list_files
+    from raycv.data.sources import coco_image_dir, read_coco
+
+    if labels is not None:
+        if not labels.endswith(".json"):
+            raise UserError(f"--labels for detection is a COCO instances JSON file, not {labels}")
+        files = [(labels, labels.replace("\\", "/").rsplit("/", 1)[0])]
+    else:
+        roots = sorted({p.replace("\\", "/").rsplit("/", 2)[0] for p in paths if p.count("/") >= 2})
+        files = []
+        for root in roots:
+            try:
+                found = [f for f in list_files(f"{root}/annotations", (".json",))
+                         if f.rsplit("/", 1)[-1].startswith("instances_")]
+            except (OSError, UserError):
+                found = []
+            files += [(f, coco_image_dir(root, f)) for f in found]
+        if not files:
+            raise UserError("cannot find the true boxes: no annotations/instances_*.json beside the images' folder; "
+                            "pass --labels INSTANCES.json")
+    classes: list[str] | None = None
+    truth: dict[str, dict] = {}
+    for ann_file, image_dir in files:
+        try:
+            names, items = read_coco(ann_file, image_dir)
+        except FileNotFoundError:
+            raise UserError(f"--labels {ann_file} does not exist") from None
+        if classes is not None and names != classes:
+            raise UserError(f"{ann_file} has other categories than {files[0][0]}")
+        classes = names
+        for item in items:
+            entry = {"boxes": item["boxes"], "labels": item["labels"]}
+            truth[item["path"]] = entry
+            truth.setdefault(item["path"].rsplit("/", 1)[-1], entry)  # also by file name: COCO names are unique
+    return classes or [], truth
+
+
+def evaluate_detection(predictions: str, table, *, labels: str | None = None, output: str | None = None) -> dict:
+    import torch
+    from torchmetrics.detection import MeanAveragePrecision
+
+    paths = table.column("path").to_pylist()
+    classes, truth = _coco_truth(paths, labels)
+    index = {c: i for i, c in enumerate(classes)}
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True, backend="pycocotools")
+    scored = errors = unknown = 0
+    for path, boxes, names, scores in zip(paths, table.column("boxes").to_pylist(), table.column("labels").to_pylist(),
+                                          table.column("scores").to_pylist()):
+        if boxes is None:
+            errors += 1
+            continue
+        t = truth.get(path) or truth.get(path.replace("\\", "/").rsplit("/", 1)[-1])
+        if t is None:
+            unknown += 1
+            continue
+        known = [i for i, n in enumerate(names) if n in index]  # a class the annotations lack cannot be right
+        metric.update(
+            [{"boxes": torch.tensor([boxes[i] for i in known], dtype=torch.float32).reshape(-1, 4),
+              "scores": torch.tensor([scores[i] for i in known], dtype=torch.float32),
+              "labels": torch.tensor([index[names[i]] for i in known], dtype=torch.int64)}],
+            [{"boxes": torch.tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4),
+              "labels": torch.tensor(t["labels"], dtype=torch.int64)}])
+        scored += 1
+    if not scored:
+        raise UserError(f"no prediction in {predictions} has true boxes in the annotations "
+                        f"({errors} error rows, {unknown} images not in the annotations)")
+    r = metric.compute()
+    per_class = {}
+    ids = r["classes"].reshape(-1).tolist()
+    aps = r["map_per_class"].reshape(-1).tolist()
+    for k, ap in zip(ids, aps):
+        per_class[classes[int(k)]] = {"ap": float(ap)}
+    report = {"predictions": predictions, "task": "detection", "rows": table.num_rows, "scored": scored,
+              "errors": errors, "not_in_annotations": unknown,
+              **{key: float(r[key]) for key in ("map", "map_50", "map_75", "map_small", "map_medium", "map_large",
+                                                "mar_100")},
+              "per_class": per_class, "classes": classes}
     if output:
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)

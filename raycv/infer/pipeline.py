@@ -15,7 +15,7 @@ import torch
 from raycv import runtime
 from raycv.config import InferConfig
 from raycv.data.decode import decode_batch
-from raycv.data.presets import ClassificationEvalPreset, SegmentationEvalPreset
+from raycv.data.presets import ClassificationEvalPreset, DetectionEvalPreset, SegmentationEvalPreset
 from raycv.errors import UserError, find_storage_error
 from raycv.infer.output import OutputLocation
 from raycv.infer.predictor import PREDICTORS
@@ -44,7 +44,7 @@ class ModelSpec:
     name: str
     kwargs: dict
     classes: list[str]
-    preprocess: ClassificationEvalPreset | SegmentationEvalPreset
+    preprocess: ClassificationEvalPreset | SegmentationEvalPreset | DetectionEvalPreset
     weights: str | None
     checkpoint: str | None
     embedding_dim: int  # input features of the classifier head: the `embedding` column's size (0: none)
@@ -62,17 +62,24 @@ def load_spec(cfg: InferConfig) -> ModelSpec:
     from raycv.models import get_model, get_model_entry
     from raycv.models.torchvision_zoo import resolve_weights
 
-    task = get_model_entry(cfg.model.name).task
+    entry = get_model_entry(cfg.model.name)
+    task, kwargs = entry.task, dict(cfg.model.kwargs)
     w = resolve_weights(cfg.model.name, cfg.model.weights)
     classes = list(w.meta["categories"])
-    model = get_model(cfg.model.name, num_classes=len(classes), weights=cfg.model.weights, **cfg.model.kwargs)
+    if task == "detection":  # letterboxed into the model's usual size, which the model then keeps
+        from raycv.models.detection import sized_kwargs
+
+        kwargs = sized_kwargs(cfg.model.name, kwargs, entry.default_input_size)
+    model = get_model(cfg.model.name, num_classes=len(classes), weights=cfg.model.weights, **kwargs)
     t = w.transforms()
-    if task == "segmentation":  # torchvision resizes the shorter side to resize_size; raycv, a square of it
+    if task == "detection":
+        preset = DetectionEvalPreset(input_size=entry.default_input_size)
+    elif task == "segmentation":  # torchvision resizes the shorter side to resize_size; raycv, a square of it
         preset = SegmentationEvalPreset(input_size=int(t.resize_size[0]), mean=tuple(t.mean), std=tuple(t.std))
     else:
         preset = ClassificationEvalPreset(input_size=int(t.crop_size[0]), resize_size=int(t.resize_size[0]),
                                           mean=tuple(t.mean), std=tuple(t.std))
-    return ModelSpec(cfg.model.name, cfg.model.kwargs, classes, preset, cfg.model.weights, None,
+    return ModelSpec(cfg.model.name, kwargs, classes, preset, cfg.model.weights, None,
                      _head_features(model, task), task)
 
 
@@ -131,13 +138,15 @@ def run_inference(cfg: InferConfig) -> InferSummary:
                                 use_gpu=cfg.infer.use_gpu, schema_metadata=metadata)
         if spec.task == "classification":
             predictor_kwargs.update(topk=cfg.infer.topk, embedding=cfg.infer.embedding)
+        elif spec.task == "detection":
+            predictor_kwargs.update(score_threshold=cfg.infer.score_threshold, max_detections=cfg.infer.max_detections)
         if inputs.count:
             counter = RowCounter.remote()
             predictor_kwargs["counter"] = counter
             progress = ProgressLine(counter, inputs.count)
             preset = spec.preprocess
             decode = {"geometry": preset.geometry, "shape": preset.shape, "errors": "row", "keep": (),
-                      "with_size": spec.task == "segmentation"}
+                      "with_size": spec.task != "classification"}
             if cfg.infer.decode_in_actor:
                 ds = inputs.ds
                 predictor_kwargs["decode"] = decode

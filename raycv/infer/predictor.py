@@ -13,7 +13,7 @@ import torch
 
 from raycv.data.decode import decode_batch
 from raycv.data.presets import eval_preset_from_dict
-from raycv.infer.schema import classification_schema, segmentation_schema
+from raycv.infer.schema import classification_schema, detection_schema, segmentation_schema
 from raycv.models import get_model, last_linear_name
 from raycv.train.checkpoint import load_model
 
@@ -137,4 +137,43 @@ class SegmentationPredictor(_Predictor):
         return pa.Table.from_pydict(cols, schema=self.schema)
 
 
-PREDICTORS = {"classification": ClassificationPredictor, "segmentation": SegmentationPredictor}
+class DetectionPredictor(_Predictor):
+    """The model sees each image letterboxed into the preset's square (as in training); its boxes
+    are mapped back to the original pixels with the letterbox's scale and clipped to the image.
+    Kept: boxes of a class other than the background scoring at least `score_threshold`, at most
+    `max_detections` per image, best first."""
+
+    def __init__(self, *, score_threshold: float, max_detections: int, schema_metadata: dict[str, str], **kwargs):
+        super().__init__(**kwargs)
+        self.score_threshold, self.max_detections = score_threshold, max_detections
+        self.schema = detection_schema().with_metadata(schema_metadata)
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        batch, errors, ok, x = self._inputs(batch)
+        n = len(errors)
+        boxes, labels, indices, scores, heights, widths = ([None] * n for _ in range(6))
+        if x is not None:
+            outputs = self.model(list(x))
+            for j, i in enumerate(np.flatnonzero(ok)):
+                h, w = int(batch["height"][i]), int(batch["width"][i])
+                o = outputs[j]
+                s = o["scores"].float()
+                # one-stage models (RetinaNet, FCOS) score class 0 too; it is the background, never an object
+                keep = torch.nonzero((s >= self.score_threshold) & (o["labels"] != 0)).flatten()
+                keep = keep[s[keep].argsort(descending=True)][:self.max_detections]
+                sx, sy = self.preset.box_scale(h, w)
+                b = o["boxes"][keep].float().cpu() / torch.tensor([sx, sy, sx, sy])
+                b = torch.stack([b[:, 0].clamp(0, w), b[:, 1].clamp(0, h), b[:, 2].clamp(0, w), b[:, 3].clamp(0, h)], 1)
+                idx = o["labels"][keep].cpu().numpy()
+                boxes[i], indices[i] = b.numpy().tolist(), idx.astype(np.int32).tolist()
+                labels[i] = [str(self.classes[k]) for k in idx]
+                scores[i] = s[keep].cpu().numpy().tolist()
+                heights[i], widths[i] = h, w
+        cols = {"path": list(batch["path"]), "boxes": boxes, "labels": labels, "label_indices": indices,
+                "scores": scores, "height": heights, "width": widths, "error": errors}
+        return pa.Table.from_pydict(cols, schema=self.schema)
+
+
+PREDICTORS = {"classification": ClassificationPredictor, "segmentation": SegmentationPredictor,
+              "detection": DetectionPredictor}

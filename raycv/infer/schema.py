@@ -38,8 +38,26 @@ def segmentation_schema() -> pa.Schema:
     ])
 
 
+def detection_schema() -> pa.Schema:
+    """One row per image: its detections, best first, in original-image pixels."""
+    return pa.schema([
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("boxes", pa.list_(pa.list_(pa.float32(), 4))),  # [x1, y1, x2, y2] per detection
+        pa.field("labels", pa.list_(pa.string())),
+        pa.field("label_indices", pa.list_(pa.int32())),  # into the classes in the metadata (0: background)
+        pa.field("scores", pa.list_(pa.float32())),
+        pa.field("height", pa.int32()),
+        pa.field("width", pa.int32()),
+        pa.field("error", pa.string()),
+    ])
+
+
 def output_schema(task: str, embedding_dim: int | None = None) -> pa.Schema:
-    return segmentation_schema() if task == "segmentation" else classification_schema(embedding_dim)
+    if task == "segmentation":
+        return segmentation_schema()
+    if task == "detection":
+        return detection_schema()
+    return classification_schema(embedding_dim)
 
 
 def file_metadata(*, checkpoint: str | None, model: str, classes: list[str], preprocess: dict,

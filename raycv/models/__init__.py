@@ -1,7 +1,7 @@
 """The model registry: the seed's small CNN, small-input ResNets, every torchvision classifier and
-segmentation model, and a small segmenter for CPUs."""
+segmentation and detection model, and a small segmenter and detector for CPUs."""
 
-from raycv.models import resnet, segmentation, simple_cnn, torchvision_zoo  # noqa: F401  (register models)
+from raycv.models import detection, resnet, segmentation, simple_cnn, torchvision_zoo  # noqa: F401  (register models)
 from raycv.models.registry import ModelEntry, get_model, get_model_entry, list_models, register_model
 from raycv.models.torchvision_zoo import last_linear_name
 

@@ -190,7 +190,8 @@ def resolve_checkpoint(path: str) -> str:
 
 def init_from_checkpoint(model: nn.Module, path: str, task: str = "classification") -> CheckpointInfo:
     """Fine-tuning: load a raycv checkpoint's weights into `model`. When the class count differs,
-    the classifier head (segmentation: the classifier modules) keeps its fresh initialization; any
+    the classifier head (segmentation: the classifier modules; detection: the class-predicting layers)
+    keeps its fresh initialization; any
     other mismatch is refused."""
     from raycv.models import last_linear_name
 
@@ -200,7 +201,8 @@ def init_from_checkpoint(model: nn.Module, path: str, task: str = "classificatio
         raise UserError(f"model.init_from={path} is a {info.task} checkpoint; this run trains {task}")
     state = load_state_dict(local_dir(directory))
     own = model.state_dict()
-    head = (last_linear_name(model) + ".",) if task == "classification" else ("classifier.", "aux_classifier.")
+    head = ((last_linear_name(model) + ".",) if task == "classification" else ("classifier.", "aux_classifier.")
+            if task == "segmentation" else ("roi_heads.box_predictor.", "head.classification_head."))
     for key in [k for k, v in state.items() if k in own and own[k].shape != v.shape]:
         if not key.startswith(head):
             raise UserError(f"model.init_from={path}: {key} has shape {tuple(state[key].shape)}, "

@@ -19,9 +19,9 @@ from raycv.config import TrainConfig, default_run_name, resolve_storage_path, to
 from raycv import tasks
 from raycv.data import build_dataset, get_dataset_entry
 from raycv.data import io as fsio
-from raycv.data.decode import decode_batch, decode_pairs
-from raycv.data.presets import (ClassificationEvalPreset, ClassificationTrainPreset, SegmentationEvalPreset,
-                                SegmentationTrainPreset)
+from raycv.data.decode import decode_batch, decode_boxes, decode_pairs
+from raycv.data.presets import (ClassificationEvalPreset, ClassificationTrainPreset, DetectionEvalPreset,
+                                DetectionTrainPreset, SegmentationEvalPreset, SegmentationTrainPreset)
 from raycv.errors import UserError
 from raycv.models import get_model, get_model_entry
 from raycv.train.tracking import METRICS_LOG
@@ -75,15 +75,19 @@ def make_presets(cfg: TrainConfig, mean, std, task: str = "classification"):
     resize = cfg.data.resize_size or size
     if resize < size:
         raise UserError(f"data.resize_size={resize} is smaller than data.input_size={size}")
-    if task == "segmentation":
-        if cfg.data.augment not in SegmentationTrainPreset.AUGMENTS:
-            raise UserError(f"data.augment={cfg.data.augment} is not available for segmentation "
-                            f"(valid: {', '.join(SegmentationTrainPreset.AUGMENTS)})")
+    if task in ("segmentation", "detection"):
+        augments = SegmentationTrainPreset.AUGMENTS if task == "segmentation" else DetectionTrainPreset.AUGMENTS
+        if cfg.data.augment not in augments:
+            raise UserError(f"data.augment={cfg.data.augment} is not available for {task} (valid: {', '.join(augments)})")
         if cfg.train.mixup_alpha or cfg.train.cutmix_alpha or cfg.data.random_erasing:
             raise UserError("train.mixup_alpha / train.cutmix_alpha / data.random_erasing are for classification only")
+    if task == "segmentation":
         return (SegmentationTrainPreset(input_size=size, resize_size=resize, augment=cfg.data.augment,
                                         hflip=cfg.data.hflip, mean=tuple(mean), std=tuple(std)),
                 SegmentationEvalPreset(input_size=size, mean=tuple(mean), std=tuple(std)))
+    if task == "detection":  # the model normalizes (torchvision detection models do it themselves)
+        return (DetectionTrainPreset(input_size=size, resize_size=resize, augment=cfg.data.augment, hflip=cfg.data.hflip),
+                DetectionEvalPreset(input_size=size))
     train = ClassificationTrainPreset(input_size=size, resize_size=resize, augment=cfg.data.augment,
                                       hflip=cfg.data.hflip, random_erasing=cfg.data.random_erasing, mean=tuple(mean), std=tuple(std))
     val = ClassificationEvalPreset(input_size=size, resize_size=resize, mean=tuple(mean), std=tuple(std))
@@ -98,10 +102,13 @@ SMALL_SET_ROWS = 5000
 def decoded(ds: ray.data.Dataset, preset, *, num_cpus: float, cache: bool, rows: int | None = None,
             num_classes: int | None = None) -> ray.data.Dataset:
     """Decode + the preset's geometry in Ray Data tasks; `rows` (when known) small: one decode process.
-    Segmentation masks are checked against `num_classes`."""
+    Segmentation masks and detection labels are checked against `num_classes`."""
     one = {"concurrency": 1} if rows is not None and rows <= SMALL_SET_ROWS else {}
     if isinstance(preset, (SegmentationTrainPreset, SegmentationEvalPreset)):
         ds = ds.map_batches(decode_pairs, fn_kwargs={"preset": preset, "num_classes": num_classes}, batch_size=64,
+                            num_cpus=num_cpus, **one)
+    elif isinstance(preset, (DetectionTrainPreset, DetectionEvalPreset)):
+        ds = ds.map_batches(decode_boxes, fn_kwargs={"preset": preset, "num_classes": num_classes}, batch_size=64,
                             num_cpus=num_cpus, **one)
     else:
         ds = ds.map_batches(decode_batch, fn_kwargs={"geometry": preset.geometry, "shape": preset.shape,
@@ -141,7 +148,8 @@ class _Progress(threading.Thread):
 def format_epoch(m: dict) -> str:
     left = (m["epochs"] - m["epoch"]) * (m["train_seconds"] + m.get("val_seconds", 0.0))
     quality = "  ".join(f"{label} {value:.4f}" for label, value in tasks.shown(m))
-    return (f"epoch {m['epoch']:>3}/{m['epochs']}  loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
+    val_loss = f"val_loss {m['val_loss']:.4f}  " if "val_loss" in m else ""  # detection has none
+    return (f"epoch {m['epoch']:>3}/{m['epochs']}  loss {m['train_loss']:.4f}  {val_loss}"
             f"{quality}  {m['images_per_second']:,.0f} img/s  left ~{left:.0f}s")
 
 
@@ -152,6 +160,12 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
     tasks.check_model_fits(task, cfg.model.name, get_model_entry(cfg.model.name).task)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
         "checkpoint_metric": tasks.checkpoint_metric(task, cfg.train.checkpoint_metric)})})
+    if task == "detection":  # the model's own transform keeps raycv's input squares as they are
+        from raycv.models.detection import sized_kwargs
+
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={
+            "kwargs": sized_kwargs(cfg.model.name, cfg.model.kwargs, cfg.data.input_size)})})
+    make_presets(cfg, (0.0,) * 3, (1.0,) * 3, task)  # their settings are checked here, before Ray starts
     if cfg.train.amp == "fp16" and not cfg.scaling.use_gpu:
         raise UserError("train.amp=fp16 needs GPUs (scaling.use_gpu=true); on CPU use train.amp=bf16")
     mlflow_uri = _mlflow_tracking_uri(cfg, echo)

@@ -29,7 +29,7 @@ class RunReport:
                 + f"{'lr':>9}  {'img/s':>7}")
         lines = [head]
         for m in self.epochs:
-            lines.append(f"{m['epoch']:>5}  {m['train_loss']:>10.4f}  {m['val_loss']:>8.4f}  "
+            lines.append(f"{m['epoch']:>5}  {m['train_loss']:>10.4f}  {m.get('val_loss', float('nan')):>8.4f}  "
                          + "".join(f"{v:>8.4f}  " for _, v in shown(m))
                          + f"{m['lr']:>9.2e}  {m['images_per_second']:>7,.0f}")
         if self.summary:
@@ -50,7 +50,7 @@ def read_epochs(run_dir: str) -> list[dict]:
 
 
 def draw_curves(epochs: list[dict]) -> bytes:
-    """PNG bytes: a 2x2 figure of loss, validation quality (accuracy or mIoU), learning rate and throughput per epoch."""
+    """PNG bytes: a 2x2 figure of loss, validation quality (accuracy, mIoU or mAP), learning rate and throughput per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,7 +60,8 @@ def draw_curves(epochs: list[dict]) -> bytes:
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     (loss, acc), (lr, ips) = axes
     loss.plot(x, [m["train_loss"] for m in epochs], "o-", label="train")
-    loss.plot(x, [m["val_loss"] for m in epochs], "s-", label="val")
+    if all("val_loss" in m for m in epochs):  # detection models have no validation loss
+        loss.plot(x, [m["val_loss"] for m in epochs], "s-", label="val")
     loss.set_title("loss")
     loss.legend()
     for i, (label, _) in enumerate(shown(epochs[0])):

@@ -21,8 +21,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import Checkpoint
 
 from raycv.config import TrainConfig
-from raycv.data.presets import (IGNORE_INDEX, ClassificationEvalPreset, ClassificationTrainPreset,
-                                SegmentationEvalPreset, SegmentationTrainPreset)
+from raycv.data.presets import (IGNORE_INDEX, ClassificationEvalPreset, ClassificationTrainPreset, DetectionEvalPreset,
+                                DetectionTrainPreset, SegmentationEvalPreset, SegmentationTrainPreset)
 from raycv.models import get_model
 from raycv.train import checkpoint as ckpt
 from raycv.train.optim import build_batch_mix, build_loss, build_optimizer, build_scheduler, correct_topk
@@ -102,6 +102,31 @@ class PairCollate(NumpyBatchCollateFn):
         return {"image": images, "mask": masks.long()}
 
 
+class BoxCollate(NumpyBatchCollateFn):
+    """Detection: each image and its boxes through one draw of the random geometry, in Ray Data's
+    prefetch threads (`preset=None`: validation, as decoded). Targets differ in length from image
+    to image, so they travel flat: `boxes` (sum n_i, 4), `labels` (sum n_i,) and `counts` (B,)."""
+
+    def __init__(self, preset: DetectionTrainPreset | None):
+        self.preset = preset
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))  # (B, 3, S, S) uint8
+        boxes = [torch.from_numpy(np.asarray(b, dtype=np.float32).reshape(-1, 4)) for b in batch["boxes"]]
+        labels = [torch.from_numpy(np.asarray(lb, dtype=np.int64).reshape(-1)) for lb in batch["labels"]]
+        if self.preset is not None:
+            images, boxes, labels = self.preset.augment_targets(images, boxes, labels)
+        return {"image": images, "boxes": torch.cat(boxes).reshape(-1, 4), "labels": torch.cat(labels),
+                "counts": torch.tensor([len(b) for b in boxes], dtype=torch.int64)}
+
+
+def box_targets(batch: dict[str, torch.Tensor], device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """A BoxCollate batch's flat targets -> torchvision's list of {"boxes", "labels"}, one per image."""
+    counts = batch["counts"].tolist()
+    return [{"boxes": b.to(device), "labels": lb.to(device)}
+            for b, lb in zip(batch["boxes"].split(counts), batch["labels"].split(counts))]
+
+
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
@@ -157,6 +182,45 @@ def evaluate_segmentation(model: torch.nn.Module, shard, preset: SegmentationEva
             "val_pixel_accuracy": float(pixel.compute()), "val_count": int(n)}
 
 
+@torch.no_grad()
+def evaluate_detection(model: torch.nn.Module, shard, preset: DetectionEvalPreset, batch_size: int,
+                       device: torch.device, precision: "Precision | None" = None) -> dict[str, float]:
+    """COCO mAP@[.5:.95] and mAP@.5 over every validation image of every rank (torchmetrics'
+    MeanAveragePrecision on pycocotools). Boxes are compared in the letterboxed pixels: one scale
+    factor for prediction and truth, so the IoUs are those at the original size.
+
+    The ranks exchange their detections and ground truth with one all_gather_object and each
+    computes the same result: torchmetrics' own sync gathers the per-image list states one
+    collective call per image, which deadlocks when the ranks hold different numbers of images."""
+    import contextlib
+
+    from torchmetrics.detection import MeanAveragePrecision
+
+    model.eval()
+    preds, truth = [], []
+    for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=BoxCollate(None)):
+        x = preset.normalize(batch["image"].to(device))
+        with precision.autocast() if precision else contextlib.nullcontext():
+            out = model(list(precision.input(x) if precision else x))
+        preds += [{"boxes": o["boxes"].float().cpu(), "scores": o["scores"].float().cpu(), "labels": o["labels"].cpu()}
+                  for o in out]
+        truth += [{k: v.cpu() for k, v in t.items()} for t in box_targets(batch, torch.device("cpu"))]
+    parts = [(preds, truth)]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (preds, truth))
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools", sync_on_compute=False)
+    n = 0
+    for p, t in parts:
+        if p:
+            metric.update(p, t)
+            n += len(p)
+    result = metric.compute() if n else {"map": torch.tensor(0.0), "map_50": torch.tensor(0.0)}
+    # -1 means "no ground truth to score against": report 0 rather than a negative precision
+    return {"val_map": max(0.0, float(result["map"])), "val_map50": max(0.0, float(result["map_50"])),
+            "val_count": int(n)}
+
+
 def _worker_nodes(rank: int, world: int) -> list[str]:
     """The Ray node ID of every rank, in rank order (for the metrics log: who ran where)."""
     mine = ray.get_runtime_context().get_node_id()
@@ -196,10 +260,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     classes: list[str] = config["classes"]
     run_dir: str = config["run_dir"]
     task: str = config.get("task", "classification")
-    segmentation = task == "segmentation"
+    segmentation, detection = task == "segmentation", task == "detection"
     if segmentation:
         train_preset = SegmentationTrainPreset(**config["train_preset"])
         eval_preset = SegmentationEvalPreset.from_dict(config["eval_preset"])
+    elif detection:
+        train_preset = DetectionTrainPreset(**config["train_preset"])
+        eval_preset = DetectionEvalPreset.from_dict(config["eval_preset"])
     else:
         train_preset = ClassificationTrainPreset(**config["train_preset"])
         eval_preset = ClassificationEvalPreset.from_dict(config["eval_preset"])
@@ -228,8 +295,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches_per_epoch = max(1, math.ceil(rows_per_rank / cfg.data.batch_size))
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / tc.grad_accum_steps))
     scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, cfg=tc)
-    loss_fn = build_loss(tc, task)
-    mix = None if segmentation else build_batch_mix(tc, len(classes))
+    loss_fn = None if detection else build_loss(tc, task)  # detection models compute their own losses
+    mix = build_batch_mix(tc, len(classes)) if task == "classification" else None
     ema = None
     if tc.ema_decay:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -265,7 +332,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     cache = ShardCache(cfg.data.worker_cache_mb * 1e6) if config.get("worker_cache") else None
-    collate = PairCollate(train_preset) if segmentation else AugmentCollate(train_preset, cache)
+    collate = (PairCollate(train_preset) if segmentation else BoxCollate(train_preset) if detection
+               else AugmentCollate(train_preset, cache))
     order = torch.Generator().manual_seed(tc.seed * 1000 + rank)
     higher_is_better = tc.checkpoint_metric != "val_loss"
 
@@ -282,13 +350,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                      local_shuffle_seed=None)
         for batch in batches:
             x = train_preset.normalize(batch["image"].to(device))  # (B, C, H, W) float32
-            y = batch[target].to(device)
+            y = box_targets(batch, device) if detection else batch[target].to(device)
             if mix is not None:
                 x, y = mix(x, y)  # y: (B, num_classes) probabilities
             micro += 1
             last = micro % tc.grad_accum_steps == 0 or micro == batches_per_epoch
             with _no_sync(model, not last), precision.autocast():
-                loss = loss_fn(step_model(precision.input(x)), y)
+                if detection:  # torchvision detection models: a list of images and targets in, their loss dict out
+                    loss = sum(step_model(list(precision.input(x)), y).values())
+                else:
+                    loss = loss_fn(step_model(precision.input(x)), y)
             precision.scaler.scale(loss / tc.grad_accum_steps).backward()
             if last:
                 if tc.grad_clip_norm:
@@ -324,6 +395,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if segmentation:
             metrics.update(evaluate_segmentation(evaluated, val_shard, eval_preset, loss_fn, len(classes),
                                                  cfg.data.batch_size, device, precision))
+        elif detection:
+            metrics.update(evaluate_detection(evaluated, val_shard, eval_preset, cfg.data.batch_size, device, precision))
         else:
             metrics.update(evaluate(evaluated, val_shard, eval_preset, loss_fn, cfg.data.batch_size, device, precision))
         metrics["val_seconds"] = time.perf_counter() - t1
