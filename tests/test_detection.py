@@ -138,6 +138,30 @@ def test_pretrained_detection_weights_load_with_new_class_layers(arch, swapped_p
     assert set(out) == {"boxes", "labels", "scores"} and (out["labels"] < 4).all()
 
 
+def test_fine_tuning_from_a_detection_checkpoint_keeps_all_but_the_class_layers(tmp_path):
+    """model.init_from with another class count: every weight but the class-predicting layers comes
+    from the checkpoint; a segmentation checkpoint is refused."""
+    from raycv.models import get_model
+    from raycv.train import checkpoint as ckpt
+
+    torch.manual_seed(0)
+    src = get_model("fcos_small", num_classes=4)
+    ckpt.write_checkpoint(tmp_path / "det", src, ckpt.CheckpointInfo(
+        task="detection", model_name="fcos_small", model_kwargs={}, classes=["background", "a", "b", "c"],
+        preprocess=DetectionEvalPreset(input_size=64), epoch=1, metrics={}, config={}))
+    assert isinstance(ckpt.read_info(tmp_path / "det").preprocess, DetectionEvalPreset)
+    model = get_model("fcos_small", num_classes=6)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt.init_from_checkpoint(model, str(tmp_path / "det"), "detection")
+    state, ref = model.state_dict(), src.state_dict()
+    new = {k for k in state if state[k].shape != ref[k].shape}
+    assert new == {"head.classification_head.cls_logits.weight", "head.classification_head.cls_logits.bias"}
+    assert all(torch.equal(state[k], fresh[k]) for k in new)
+    assert all(torch.equal(state[k], ref[k]) for k in state if k not in new)
+    with pytest.raises(UserError, match="is a detection checkpoint; this run trains segmentation"):
+        ckpt.init_from_checkpoint(get_model("lraspp_small", num_classes=4), str(tmp_path / "det"), "segmentation")
+
+
 @pytest.mark.parametrize("args, message", [
     (["data.name=shapes_detection", "model.name=lraspp_small"],
      "model 'lraspp_small' is a segmentation model but the dataset is for detection"),
@@ -289,6 +313,13 @@ def test_parquet_detection_source_reads_images_boxes_and_label_names(ray_session
         assert r["path"] == Path(t["path"]).name
         assert np.allclose(r["boxes"], t["boxes"]) and list(r["labels"]) == t["labels"]
 
+    from raycv.data.sources import _parquet_boxes
+
+    bad = {"image": np.array([b"x"], dtype=object), "boxes": np.array([[[1, 2, 3, 4], [5, 6, 7, 8]]], dtype=object),
+           "labels": np.array([["circle"]], dtype=object), "path": np.array(["p0"], dtype=object)}
+    with pytest.raises(UserError, match="p0: boxes holds 8 numbers for 1 labels"):
+        _parquet_boxes(bad, image_column="image", boxes_column="boxes", labels_column="labels", classes=classes,
+                       source="src")
     with pytest.raises(UserError, match="has no column 'bbox'"):
         build_dataset(cfg.model_copy(update={"boxes_column": "bbox"}))
     with pytest.raises(Exception, match="label 'square' is not a class"):

@@ -1,7 +1,7 @@
 """Jobs against a real `ray start --head` on loopback with Ray's token authentication on:
-`ray job submit` and `raycv submit` / `raycv jobs` run train, infer and evaluate jobs (a segmentation
-model: the entrypoints are the same for every task), follow and stop them; without the token every
-request is refused.
+`ray job submit` and `raycv submit` / `raycv jobs` run train, infer and evaluate jobs (segmentation
+and detection models; classification's run through the same entrypoints in other tests), follow and
+stop them; without the token every request is refused.
 
 The head gets its own temp dir and ports (other Ray instances may run on this host), is started
 with --block in its own process group, and only that group is stopped afterwards: never `ray stop`.
@@ -105,6 +105,27 @@ def test_raycv_submit_wait_list_status_logs(head, trained, tmp_path):
     assert followed.returncode == 0 and "predictions:" in followed.stdout
     missing = _raycv("jobs", "logs", "no-such-job", "--follow", "--address", head.address, env=head.env)
     assert missing.returncode == 2 and missing.stderr.startswith("raycv jobs: error: no job no-such-job")
+
+
+@pytest.mark.slow
+def test_detection_trains_infers_and_evaluates_as_jobs(head, tmp_path):
+    """Detection through the same entrypoints: `ray job submit` trains, `raycv submit` infers and
+    evaluates (the true boxes found beside the generated images, in COCO JSON)."""
+    status, out = _ray_job_submit(head, "raycv-train-det", "jobs/train.py", "--config", "jobs/configs/shapes_detection.yaml",
+                                  "train.epochs=1", "scaling.num_workers=1", "data.num_samples=60",
+                                  f"run.storage_path={tmp_path}", "run.name=det")
+    assert status == "SUCCEEDED", out[-3000:]
+    summary = json.loads((tmp_path / "det" / "summary.json").read_text())
+    assert summary["task"] == "detection" and {"val_map", "val_map50"} <= set(summary["metrics"])
+    r = _raycv("submit", "--address", head.address, "--wait", "--entrypoint-num-cpus", "0.25",
+               "infer", "--checkpoint", str(tmp_path / "det"), "--input", "registry:shapes_detection:val",
+               "--output", str(tmp_path / "preds"), "data.num_samples=60", env=head.env)
+    assert r.returncode == 0 and "12 rows" in r.stdout, (r.stdout + r.stderr)[-3000:]
+    r = _raycv("submit", "--address", head.address, "--wait", "--entrypoint-num-cpus", "0.25", "evaluate",
+               "--predictions", str(tmp_path / "preds"), "--output", str(tmp_path / "eval"), env=head.env)
+    assert r.returncode == 0 and '"map_50"' in r.stdout, (r.stdout + r.stderr)[-3000:]
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert report["task"] == "detection" and report["scored"] == 12 and 0.0 <= report["map_50"] <= 1.0
 
 
 @pytest.mark.slow

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 import raycv
-from raycv.data.presets import ClassificationEvalPreset, SegmentationEvalPreset, eval_preset_from_dict
+from raycv.data.presets import (ClassificationEvalPreset, DetectionEvalPreset, SegmentationEvalPreset,
+                                eval_preset_from_dict)
 from raycv.errors import UserError
 
 MODEL_FILE = "model.pt"
@@ -40,7 +41,7 @@ class CheckpointInfo:
     model_name: str
     model_kwargs: dict[str, Any]
     classes: list[str]
-    preprocess: ClassificationEvalPreset | SegmentationEvalPreset
+    preprocess: ClassificationEvalPreset | SegmentationEvalPreset | DetectionEvalPreset
     epoch: int
     metrics: dict[str, Any]
     config: dict[str, Any]
