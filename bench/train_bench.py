@@ -1,5 +1,7 @@
 """Training throughput: raycv (1 and 2 workers) vs a bare one-process loop over tensors in memory
-vs Ray's documented TorchTrainer + Ray Data pattern.
+vs Ray's documented TorchTrainer + Ray Data pattern; and the same bare loop run as a Ray task
+(same code, same threads: what running inside a Ray worker process beside Ray's own processes
+costs, before any of raycv's or Ray Train's machinery).
 
 The seed's CNN at 32 px, global batch 64 per step, on the bundled digits. Each contender's figure
 is its steady-state images/s (epochs after the first); the bare loop runs the same model, optimizer
@@ -139,6 +141,10 @@ def main() -> None:
     storage = Path(tempfile.mkdtemp(prefix="raycv-bench-runs-"))
     rows = {"bare loop (tensors in memory)": bare_loop(args.epochs, args.batch)}
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    cpus = os.cpu_count() or 1
+    in_task = ray.remote(num_cpus=cpus)(bare_loop)
+    ray.get(in_task.remote(1, args.batch))  # warm: the worker process has imported torch and the data
+    rows[f"bare loop as a Ray task ({cpus} CPUs)"] = ray.get(in_task.remote(args.epochs, args.batch))
     # Two workers of the documented pattern take one CPU each: on a 2-CPU machine Ray Data then gets
     # none and the run waits forever, so it runs only where there are spare CPUs.
     for w in (1, 2) if os.cpu_count() > 2 else (1,):

@@ -219,6 +219,18 @@ def _parquet_split(path: str, cfg: DataSection) -> tuple[ray.data.Dataset, int]:
                              optional=("path",))
 
 
+def _subfolders_or_split(root: str, cfg: DataSection, read) -> tuple[ray.data.Dataset, int, ray.data.Dataset, int]:
+    """(train, its rows, val, its rows): `<root>/train` and `<root>/val` when both exist, else all of
+    `root` split by data.val_fraction with data.seed. `read(folder)` -> (dataset, rows)."""
+    if is_dir(f"{root}/train") and is_dir(f"{root}/val"):
+        (train, n_train), (val, n_val) = read(f"{root}/train"), read(f"{root}/val")
+        return train, n_train, val, n_val
+    whole, n = read(root)
+    train, val = whole.materialize().train_test_split(test_size=cfg.val_fraction, shuffle=True, seed=cfg.seed)
+    n_val = val.count()  # materialized: counted from block metadata
+    return train, n - n_val, val, n_val
+
+
 def _parquet_classes(dss: list[ray.data.Dataset], label_column: str) -> tuple[list[str], bool]:
     sample = dss[0].select_columns([label_column]).take(1)
     if sample and isinstance(sample[0][label_column], str):
@@ -244,13 +256,7 @@ def _parquet_rows(batch: dict[str, np.ndarray], *, image_column: str, label_colu
                   description="Parquet with encoded image bytes (data.image_column) and a label (data.label_column); train/ and val/ subfolders or a split")
 def parquet(cfg: DataSection) -> DatasetSplits:
     root = cfg.root.rstrip("/")
-    if is_dir(f"{root}/train") and is_dir(f"{root}/val"):
-        (train, n_train), (val, n_val) = _parquet_split(f"{root}/train", cfg), _parquet_split(f"{root}/val", cfg)
-    else:
-        whole, n = _parquet_split(root, cfg)
-        train, val = whole.materialize().train_test_split(test_size=cfg.val_fraction, shuffle=True, seed=cfg.seed)
-        n_val = val.count()  # materialized: counted from block metadata
-        n_train = n - n_val
+    train, n_train, val, n_val = _subfolders_or_split(root, cfg, lambda folder: _parquet_split(folder, cfg))
     classes, by_name = _parquet_classes([train, val], cfg.label_column)
     fn_kwargs = dict(image_column=cfg.image_column, label_column=cfg.label_column,
                      index={c: i for i, c in enumerate(classes)} if by_name else None, source=root)
@@ -374,13 +380,7 @@ def parquet_segmentation(cfg: DataSection) -> DatasetSplits:
     classes = cfg.classes or _classes_file(root)
     if not classes:
         raise UserError(f"parquet_segmentation needs class names: data.classes=[background,...] or {root}/classes.txt")
-    if is_dir(f"{root}/train") and is_dir(f"{root}/val"):
-        (train, n_train), (val, n_val) = _parquet_pair_split(f"{root}/train", cfg), _parquet_pair_split(f"{root}/val", cfg)
-    else:
-        whole, n = _parquet_pair_split(root, cfg)
-        train, val = whole.materialize().train_test_split(test_size=cfg.val_fraction, shuffle=True, seed=cfg.seed)
-        n_val = val.count()
-        n_train = n - n_val
+    train, n_train, val, n_val = _subfolders_or_split(root, cfg, lambda folder: _parquet_pair_split(folder, cfg))
     return DatasetSplits(classes, train, val, n_train, n_val, tuple(cfg.mean or IMAGENET_MEAN),
                          tuple(cfg.std or IMAGENET_STD))
 
@@ -426,8 +426,11 @@ def read_coco(ann_file: str, image_dir: str) -> tuple[list[str], list[dict[str, 
     `path` (image_dir/file_name), `boxes` (4n floats, x1 y1 x2 y2), `labels` (n indices 1..K))."""
     import json
 
+    text = read_text(ann_file)
+    if text is None:
+        raise UserError(f"COCO annotations not found: {ann_file}")
     try:
-        coco = json.loads(read_text(ann_file) or "")
+        coco = json.loads(text)
         cats = sorted(coco["categories"], key=lambda c: c["id"])
         images, annotations = coco["images"], coco.get("annotations", [])
     except (ValueError, KeyError, TypeError) as e:
@@ -551,13 +554,6 @@ def parquet_detection(cfg: DataSection) -> DatasetSplits:
     classes = cfg.classes or _classes_file(root)
     if not classes:
         raise UserError(f"parquet_detection needs class names: data.classes=[background,...] or {root}/classes.txt")
-    if is_dir(f"{root}/train") and is_dir(f"{root}/val"):
-        (train, n_train), (val, n_val) = (_parquet_box_split(f"{root}/train", cfg, classes),
-                                          _parquet_box_split(f"{root}/val", cfg, classes))
-    else:
-        whole, n = _parquet_box_split(root, cfg, classes)
-        train, val = whole.materialize().train_test_split(test_size=cfg.val_fraction, shuffle=True, seed=cfg.seed)
-        n_val = val.count()
-        n_train = n - n_val
+    train, n_train, val, n_val = _subfolders_or_split(root, cfg, lambda folder: _parquet_box_split(folder, cfg, classes))
     return DatasetSplits(classes, train, val, n_train, n_val, tuple(cfg.mean or IMAGENET_MEAN),
                          tuple(cfg.std or IMAGENET_STD))

@@ -188,10 +188,7 @@ def _coco_truth(paths: list[str], labels: str | None) -> tuple[list[str], dict[s
     classes: list[str] | None = None
     truth: dict[str, dict] = {}
     for ann_file, image_dir in files:
-        try:
-            names, items = read_coco(ann_file, image_dir)
-        except FileNotFoundError:
-            raise UserError(f"--labels {ann_file} does not exist") from None
+        names, items = read_coco(ann_file, image_dir)
         if classes is not None and names != classes:
             raise UserError(f"{ann_file} has other categories than {files[0][0]}")
         classes = names

@@ -11,7 +11,7 @@ from typing import Callable
 
 import ray
 import ray.data
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raycv import runtime
@@ -25,26 +25,7 @@ from raycv.data.presets import (ClassificationEvalPreset, ClassificationTrainPre
 from raycv.errors import UserError
 from raycv.models import get_model, get_model_entry
 from raycv.train.tracking import METRICS_LOG
-from raycv.train.worker import train_loop_per_worker
-
-
-class _ExactValSplit(DataConfig):
-    """Ray's default splits every dataset with `streaming_split(equal=True)`, which drops rows to
-    even the shards. Training wants that (DDP ranks must step together); validation must count
-    every sample exactly once, so it is split with equal=False."""
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        out = [{} for _ in range(world_size)]
-        for name, ds in datasets.items():
-            if name != "val":
-                for i, it in enumerate(super().configure({name: ds}, world_size, worker_handles, worker_node_ids, **kwargs)):
-                    out[i].update(it)
-                continue
-            ds = ds.copy(ds)
-            ds.context.execution_options = self._resolve_execution_options(name)
-            for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
-                out[i][name] = split
-        return out
+from raycv.train.entry import ExactValSplit, train_loop
 
 
 @dataclass
@@ -209,7 +190,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
 
     order = "max" if cfg.train.checkpoint_metric != "val_loss" else "min"
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        train_loop,
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"), "classes": splits.classes, "run_dir": run_dir, "task": task,
             "train_preset": {k: getattr(train_preset, k) for k in ("input_size", "resize_size", "augment", "hflip",
@@ -231,7 +212,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         ),
         datasets={"train": train_ds.randomize_block_order(), "val": val_ds},
-        dataset_config=_ExactValSplit(),
+        dataset_config=ExactValSplit(),
     )
     progress = _Progress(fsio.join(run_dir, METRICS_LOG), echo, since=time.time())
     resumed_from = _latest_checkpoint_epoch(run_dir)

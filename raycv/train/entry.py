@@ -1,0 +1,38 @@
+"""What Ray Train's controller unpickles, in a module that is cheap to import.
+
+The controller actor unpickles the training function and the dataset config. Module-level objects
+are pickled by reference, so unpickling imports their modules: `raycv.train.worker` or
+`raycv.train.driver` pull in torchvision and raycv's model registry (~2 s of CPU, measured), on the
+critical path of every run's start. This module imports only Ray Train's DataConfig; the workers
+import the real loop when they call it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.train import DataConfig
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    from raycv.train.worker import train_loop_per_worker
+
+    train_loop_per_worker(config)
+
+
+class ExactValSplit(DataConfig):
+    """Ray's default splits every dataset with `streaming_split(equal=True)`, which drops rows to
+    even the shards. Training wants that (DDP ranks must step together); validation must count
+    every sample exactly once, so it is split with equal=False."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        out = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            if name != "val":
+                for i, it in enumerate(super().configure({name: ds}, world_size, worker_handles, worker_node_ids, **kwargs)):
+                    out[i].update(it)
+                continue
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                out[i][name] = split
+        return out
