@@ -143,7 +143,7 @@ def main() -> None:
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     cpus = os.cpu_count() or 1
     in_task = ray.remote(num_cpus=cpus)(bare_loop)
-    ray.get(in_task.remote(1, args.batch))  # warm: the worker process has imported torch and the data
+    ray.get(in_task.remote(2, args.batch))  # warm: the worker process has imported torch and the data
     rows[f"bare loop as a Ray task ({cpus} CPUs)"] = ray.get(in_task.remote(args.epochs, args.batch))
     # Two workers of the documented pattern take one CPU each: on a 2-CPU machine Ray Data then gets
     # none and the run waits forever, so it runs only where there are spare CPUs.
