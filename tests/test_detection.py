@@ -16,7 +16,7 @@ from PIL import Image
 from raycv.data import bundled
 from raycv.data.decode import decode_boxes
 from raycv.data.presets import DetectionEvalPreset, DetectionTrainPreset
-from raycv.data.sources import coco_items
+from raycv.data.detection_sources import coco_items
 from raycv.errors import UserError
 
 
@@ -322,7 +322,7 @@ def test_parquet_detection_source_reads_images_boxes_and_label_names(ray_session
         assert r["path"] == Path(t["path"]).name
         assert np.allclose(r["boxes"], t["boxes"]) and list(r["labels"]) == t["labels"]
 
-    from raycv.data.sources import _parquet_boxes
+    from raycv.data.detection_sources import _parquet_boxes
 
     bad = {"image": np.array([b"x"], dtype=object), "boxes": np.array([[[1, 2, 3, 4], [5, 6, 7, 8]]], dtype=object),
            "labels": np.array([["circle"]], dtype=object), "path": np.array(["p0"], dtype=object)}

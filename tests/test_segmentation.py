@@ -15,7 +15,7 @@ from PIL import Image
 from raycv.data import bundled
 from raycv.data.decode import decode_pairs
 from raycv.data.presets import SegmentationEvalPreset, SegmentationTrainPreset
-from raycv.data.sources import VOC_CLASSES, voc_items
+from raycv.data.segmentation_sources import VOC_CLASSES, voc_items
 from raycv.errors import UserError
 
 

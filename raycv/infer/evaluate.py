@@ -166,7 +166,7 @@ def evaluate_segmentation(predictions: str, table, classes: list[str], *, labels
 def _coco_truth(paths: list[str], labels: str | None) -> tuple[list[str], dict[str, dict]]:
     """(class names of the annotations, {image path or file name: {"boxes", "labels"}})."""
     from raycv.data.io import list_files
-    from raycv.data.sources import coco_image_dir, read_coco
+    from raycv.data.detection_sources import coco_image_dir, read_coco
 
     if labels is not None:
         if not labels.endswith(".json"):

@@ -6,7 +6,6 @@ metrics log; every rank calls `ray.train.report` the same number of times (it is
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from typing import Any
