@@ -18,7 +18,6 @@ from raycv.config import load_config
 from raycv.errors import UserError
 from raycv.models import get_model
 from raycv.train import checkpoint as ckpt
-from raycv.train.driver import fit
 from raycv.train.optim import build_optimizer
 
 RECIPE = ["train.amp=bf16", "train.channels_last=true", "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0",

@@ -107,7 +107,7 @@ def _fit_within(cfg, seconds: float):
 
 def test_shard_cache_serves_every_row_once_per_epoch_in_fresh_order():
     from raycv.data.presets import ClassificationTrainPreset
-    from raycv.train.worker import AugmentCollate, ShardCache
+    from raycv.train.batches import AugmentCollate, ShardCache
 
     cache = ShardCache(limit_bytes=1e6)
     collate = AugmentCollate(ClassificationTrainPreset(input_size=4, resize_size=4, augment="none"), cache)

@@ -147,6 +147,12 @@ def _draw_scene(rng: random.Random, size: int, max_shapes: int) -> tuple[Image.I
     return img, np.asarray(mask), objects
 
 
+# Rough per-channel statistics of the generated scenes (dark backgrounds, brighter shapes), used by
+# the segmentation and detection sources that read them when the config gives no mean/std.
+SCENES_MEAN = (0.2, 0.2, 0.2)
+SCENES_STD = (0.3, 0.3, 0.3)
+
+
 def scenes_root(num_samples: int, seed: int, size: int = 64, max_shapes: int = 3, val_fraction: float = 0.2) -> Path:
     """`num_samples` generated scenes in both layouts, under one root:
 

@@ -123,8 +123,8 @@ def coco(cfg: DataSection) -> DatasetSplits:
                   description="generated scenes of 1-3 shapes (64 px) with exact boxes, COCO format, seeded")
 def shapes_detection(cfg: DataSection) -> DatasetSplits:
     root = bundled.scenes_root(cfg.num_samples, cfg.seed, val_fraction=cfg.val_fraction)
-    return _coco_splits(str(root), cfg, embed_bytes=True, mean=tuple(cfg.mean or (0.2,) * 3),
-                        std=tuple(cfg.std or (0.3,) * 3))
+    return _coco_splits(str(root), cfg, embed_bytes=True, mean=tuple(cfg.mean or bundled.SCENES_MEAN),
+                        std=tuple(cfg.std or bundled.SCENES_STD))
 
 
 # ----------------------------------------------------------------------------------------------

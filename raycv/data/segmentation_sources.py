@@ -91,8 +91,8 @@ def voc_segmentation(cfg: DataSection) -> DatasetSplits:
                   description="generated scenes of 1-3 shapes (64 px) with exact class masks, VOC layout, seeded")
 def shapes_segmentation(cfg: DataSection) -> DatasetSplits:
     root = bundled.scenes_root(cfg.num_samples, cfg.seed, val_fraction=cfg.val_fraction)
-    return _voc_splits(str(root), cfg, embed_bytes=True, mean=tuple(cfg.mean or (0.2,) * 3),
-                       std=tuple(cfg.std or (0.3,) * 3))
+    return _voc_splits(str(root), cfg, embed_bytes=True, mean=tuple(cfg.mean or bundled.SCENES_MEAN),
+                       std=tuple(cfg.std or bundled.SCENES_STD))
 
 
 # ----------------------------------------------------------------------------------------------

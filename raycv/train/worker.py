@@ -16,208 +16,17 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import Checkpoint
 
 from raycv.config import TrainConfig
-from raycv.data.presets import (IGNORE_INDEX, ClassificationEvalPreset, ClassificationTrainPreset, DetectionEvalPreset,
+from raycv.data.presets import (ClassificationEvalPreset, ClassificationTrainPreset, DetectionEvalPreset,
                                 DetectionTrainPreset, SegmentationEvalPreset, SegmentationTrainPreset)
 from raycv.models import get_model
 from raycv.train import checkpoint as ckpt
-from raycv.train.optim import build_batch_mix, build_loss, build_optimizer, build_scheduler, correct_topk
+from raycv.train.batches import AugmentCollate, BoxCollate, PairCollate, ShardCache, box_targets
+from raycv.train.evaluation import all_reduce_sum, evaluate, evaluate_detection, evaluate_segmentation
+from raycv.train.optim import build_batch_mix, build_loss, build_optimizer, build_scheduler
 from raycv.train.tracking import RunLogger, flatten
-
-
-class ShardCache:
-    """This rank's shard of decoded uint8 training images, gathered during the first epoch (by the
-    collate function, in Ray Data's prefetch threads) and kept in this process. Later epochs draw
-    shuffled batches from it directly: for data that fits, the per-batch trip through Ray Data's
-    iterator costs more than the forward and backward of a small model. Each rank keeps the rows it
-    saw in the first epoch (like a DistributedSampler without cross-rank reshuffling); augmentation
-    stays fresh every epoch."""
-
-    def __init__(self, limit_bytes: float):
-        self.limit, self.size = limit_bytes, 0
-        self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.images: torch.Tensor | None = None
-        self.labels: torch.Tensor | None = None
-        self.overflow = False
-
-    @property
-    def ready(self) -> bool:
-        return self.images is not None
-
-    def add(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        if self.overflow:
-            return
-        self.size += images.numel() * images.element_size()
-        if self.size > self.limit:
-            self.overflow, self.parts = True, []
-            return
-        self.parts.append((images, labels))
-
-    def seal(self) -> None:
-        if not self.overflow and self.parts:
-            self.images = torch.cat([p[0] for p in self.parts])
-            self.labels = torch.cat([p[1] for p in self.parts])
-        self.parts = []
-
-    def batches(self, batch_size: int, preset: ClassificationTrainPreset, generator: torch.Generator):
-        order = torch.randperm(len(self.labels), generator=generator)
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            yield {"image": preset.augment_batch(self.images[idx]), "label": self.labels[idx]}
-
-
-class AugmentCollate(NumpyBatchCollateFn):
-    """Runs in Ray Data's prefetch threads on the worker: random augmentation of a uint8 batch
-    (and, with a ShardCache, keeps the un-augmented batch for later epochs)."""
-
-    def __init__(self, preset: ClassificationTrainPreset | None, cache: ShardCache | None = None):
-        self.preset, self.cache = preset, cache
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))  # (B, C, S, S) uint8
-        labels = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64))
-        if self.cache is not None:
-            self.cache.add(images, labels)  # kept as decoded: augment_batch and training never modify in place
-        if self.preset is not None:
-            images = self.preset.augment_batch(images)  # (B, C, H, W) uint8
-        return {"image": images, "label": labels}
-
-
-class PairCollate(NumpyBatchCollateFn):
-    """Segmentation: each image and its class mask through one draw of the random geometry, in
-    Ray Data's prefetch threads on the worker (`preset=None`: validation, as decoded)."""
-
-    def __init__(self, preset: SegmentationTrainPreset | None):
-        self.preset = preset
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))  # (B, C, S, S) uint8
-        masks = torch.from_numpy(np.require(batch["mask"], requirements=["C", "W"]))  # (B, S, S) uint8
-        if self.preset is not None:
-            images, masks = self.preset.augment_pairs(images, masks)
-        return {"image": images, "mask": masks.long()}
-
-
-class BoxCollate(NumpyBatchCollateFn):
-    """Detection: each image and its boxes through one draw of the random geometry, in Ray Data's
-    prefetch threads (`preset=None`: validation, as decoded). Targets differ in length from image
-    to image, so they travel flat: `boxes` (sum n_i, 4), `labels` (sum n_i,) and `counts` (B,)."""
-
-    def __init__(self, preset: DetectionTrainPreset | None):
-        self.preset = preset
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))  # (B, 3, S, S) uint8
-        boxes = [torch.from_numpy(np.asarray(b, dtype=np.float32).reshape(-1, 4)) for b in batch["boxes"]]
-        labels = [torch.from_numpy(np.asarray(lb, dtype=np.int64).reshape(-1)) for lb in batch["labels"]]
-        if self.preset is not None:
-            images, boxes, labels = self.preset.augment_targets(images, boxes, labels)
-        return {"image": images, "boxes": torch.cat(boxes).reshape(-1, 4), "labels": torch.cat(labels),
-                "counts": torch.tensor([len(b) for b in boxes], dtype=torch.int64)}
-
-
-def box_targets(batch: dict[str, torch.Tensor], device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """A BoxCollate batch's flat targets -> torchvision's list of {"boxes", "labels"}, one per image."""
-    counts = batch["counts"].tolist()
-    return [{"boxes": b.to(device), "labels": lb.to(device)}
-            for b, lb in zip(batch["boxes"].split(counts), batch["labels"].split(counts))]
-
-
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, shard, preset: ClassificationEvalPreset, loss_fn, batch_size: int,
-             device: torch.device, precision: "Precision | None" = None) -> dict[str, float]:
-    """Loss, top-1 and top-5 over this rank's shard, summed over all ranks: each sample once."""
-    import contextlib
-
-    model.eval()
-    loss_sum = c1 = c5 = n = 0.0
-    for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=AugmentCollate(None)):
-        x, y = preset.normalize(batch["image"].to(device)), batch["label"].to(device)
-        with precision.autocast() if precision else contextlib.nullcontext():
-            out = model(precision.input(x) if precision else x).float()
-        loss_sum += float(loss_fn(out, y)) * y.shape[0]
-        k1, k5 = correct_topk(out, y, (1, 5))
-        c1, c5, n = c1 + k1, c5 + k5, n + y.shape[0]
-    loss_sum, c1, c5, n = _all_reduce_sum([loss_sum, c1, c5, n], device)
-    return {"val_loss": loss_sum / max(n, 1), "val_accuracy": c1 / max(n, 1), "val_top5": c5 / max(n, 1),
-            "val_count": int(n)}
-
-
-@torch.no_grad()
-def evaluate_segmentation(model: torch.nn.Module, shard, preset: SegmentationEvalPreset, loss_fn, num_classes: int,
-                          batch_size: int, device: torch.device, precision: "Precision | None" = None) -> dict[str, float]:
-    """Loss, mIoU and pixel accuracy over every validation pixel of every rank (torchmetrics sums
-    the confusion matrices across ranks); void pixels (255) are not counted."""
-    import contextlib
-
-    from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
-
-    miou = MulticlassJaccardIndex(num_classes, average="macro", ignore_index=IGNORE_INDEX).to(device)
-    pixel = MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE_INDEX).to(device)
-    model.eval()
-    loss_sum = n = 0.0
-    for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=PairCollate(None)):
-        x, y = preset.normalize(batch["image"].to(device)), batch["mask"].to(device)
-        with precision.autocast() if precision else contextlib.nullcontext():
-            out = model(precision.input(x) if precision else x)
-        out = {k: v.float() for k, v in out.items() if v is not None}
-        loss_sum += float(loss_fn(out, y)) * y.shape[0]
-        n += y.shape[0]
-        pred = out["out"].argmax(1)
-        miou.update(pred, y)
-        pixel.update(pred, y)
-    loss_sum, n = _all_reduce_sum([loss_sum, n], device)
-    return {"val_loss": loss_sum / max(n, 1), "val_miou": float(miou.compute()),
-            "val_pixel_accuracy": float(pixel.compute()), "val_count": int(n)}
-
-
-@torch.no_grad()
-def evaluate_detection(model: torch.nn.Module, shard, preset: DetectionEvalPreset, batch_size: int,
-                       device: torch.device, precision: "Precision | None" = None) -> dict[str, float]:
-    """COCO mAP@[.5:.95] and mAP@.5 over every validation image of every rank (torchmetrics'
-    MeanAveragePrecision on pycocotools). Boxes are compared in the letterboxed pixels: one scale
-    factor for prediction and truth, so the IoUs are those at the original size.
-
-    The ranks exchange their detections and ground truth with one all_gather_object and each
-    computes the same result: torchmetrics' own sync gathers the per-image list states one
-    collective call per image, which deadlocks when the ranks hold different numbers of images."""
-    import contextlib
-
-    from torchmetrics.detection import MeanAveragePrecision
-
-    model.eval()
-    preds, truth = [], []
-    for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=BoxCollate(None)):
-        x = preset.normalize(batch["image"].to(device))
-        with precision.autocast() if precision else contextlib.nullcontext():
-            out = model(list(precision.input(x) if precision else x))
-        preds += [{"boxes": o["boxes"].float().cpu(), "scores": o["scores"].float().cpu(), "labels": o["labels"].cpu()}
-                  for o in out]
-        truth += [{k: v.cpu() for k, v in t.items()} for t in box_targets(batch, torch.device("cpu"))]
-    parts = [(preds, truth)]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, (preds, truth))
-    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools", sync_on_compute=False)
-    n = 0
-    for p, t in parts:
-        if p:
-            metric.update(p, t)
-            n += len(p)
-    result = metric.compute() if n else {"map": torch.tensor(0.0), "map_50": torch.tensor(0.0)}
-    # -1 means "no ground truth to score against": report 0 rather than a negative precision
-    return {"val_map": max(0.0, float(result["map"])), "val_map50": max(0.0, float(result["map_50"])),
-            "val_count": int(n)}
 
 
 def _worker_nodes(rank: int, world: int) -> list[str]:
@@ -378,7 +187,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if cache is not None and not cache.ready:
             cache.seal()
             collate.cache = None
-        loss_sum, seen, train_time = _all_reduce_sum([loss_sum, seen, train_time], device)
+        loss_sum, seen, train_time = all_reduce_sum([loss_sum, seen, train_time], device)
         train_time /= world
         metrics = {"epoch": epoch, "epochs": tc.epochs, "train_loss": loss_sum / max(seen, 1),
                    "train_images": int(seen), "images_per_second": seen / max(train_time, 1e-9),
