@@ -26,6 +26,10 @@ def connect(address: str | None = None, *, verbose: bool = False) -> None:
     if not verbose:  # Ray Data logs a user error's stack before raising it; raycv reports it in one line
         logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Ray Train's controller polls its workers this often (Ray's default: 2 s), and the start and
+    # the end of every run wait for a poll (measured: the end of a 1-epoch run 3.8-4.3 s -> 1.6-1.9 s
+    # at 0.5 s). Ray Train passes the variable on to its controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     ray.data.DataContext.get_current().enable_progress_bars = verbose
     if ray.is_initialized():
         return

@@ -14,6 +14,10 @@ from ray.train import DataConfig
 
 
 def train_loop(config: dict[str, Any]) -> None:
+    import ray.train
+
+    for name in ("train", "val"):  # the first call splits the dataset: its actors start while the imports below run
+        ray.train.get_dataset_shard(name)
     from raycv.train.worker import train_loop_per_worker
 
     train_loop_per_worker(config)
@@ -22,17 +26,25 @@ def train_loop(config: dict[str, Any]) -> None:
 class ExactValSplit(DataConfig):
     """Ray's default splits every dataset with `streaming_split(equal=True)`, which drops rows to
     even the shards. Training wants that (DDP ranks must step together); validation must count
-    every sample exactly once, so it is split with equal=False."""
+    every sample exactly once, so it is split with equal=False: a validation set already
+    materialized in the object store (small sets, `data.cache`) by handing each rank a share of its
+    blocks (`Dataset.split`, no tasks), which spares starting a SplitCoordinator actor (a fresh
+    process) for it; a streaming one with `streaming_split(equal=False)`."""
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        from ray.data.dataset import MaterializedDataset
+
         out = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
             if name != "val":
                 for i, it in enumerate(super().configure({name: ds}, world_size, worker_handles, worker_node_ids, **kwargs)):
                     out[i].update(it)
-                continue
-            ds = ds.copy(ds)
-            ds.context.execution_options = self._resolve_execution_options(name)
-            for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
-                out[i][name] = split
+            elif isinstance(ds, MaterializedDataset):
+                for i, part in enumerate(ds.split(world_size, equal=False)):
+                    out[i][name] = part.iterator()
+            else:
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                    out[i][name] = split
         return out
