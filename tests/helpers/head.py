@@ -67,8 +67,8 @@ class Head:
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)  # the head and its children only
-        try:
-            self.proc.wait(timeout=10)
+        try:  # raylet and dashboard go within ~3 s; `ray start --block` and the GCS never did (timed): then SIGKILL
+            self.proc.wait(timeout=3)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self._log.close()
