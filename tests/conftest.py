@@ -14,9 +14,6 @@ from PIL import Image
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-# Ray Train's controller polls its workers every 2 s by default, so each run ends up to 2 s after its
-# last epoch; the tests run many short runs (and child processes inherit this).
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -78,10 +78,16 @@ def make_presets(cfg: TrainConfig, mean, std, task: str = "classification"):
 # A cached set this small (decoded) is decoded here, in the driver, which has imported torch and
 # torchvision already: a Ray Data task would first spend seconds of CPU in a fresh process
 # importing them, on the critical path of every start (measured, digits' 1,797 images: 7.2 s to
-# materialize through a task, 2.0 s here). Larger sets go through Ray Data tasks on the cluster;
+# materialize through a task, 2.1 s here). Larger sets go through Ray Data tasks on the cluster;
 # up to SMALL_SET_ROWS rows in one decode process (more would each pay those imports).
 DRIVER_DECODE_BYTES = 256 * 2**20
 SMALL_SET_ROWS = 5000
+
+
+def decoded_nbytes(preset, rows: int) -> int:
+    """Size of `rows` images as `preset` stores them decoded: uint8 C*H*W, plus a segmentation mask's H*W."""
+    c, h, w = preset.shape
+    return rows * (c + isinstance(preset, (SegmentationTrainPreset, SegmentationEvalPreset))) * h * w
 
 
 def decoded(ds: ray.data.Dataset, preset, *, num_cpus: float, cache: bool, rows: int | None = None,
@@ -95,9 +101,7 @@ def decoded(ds: ray.data.Dataset, preset, *, num_cpus: float, cache: bool, rows:
         fn, kwargs = decode_boxes, {"preset": preset, "num_classes": num_classes}
     else:
         fn, kwargs = decode_batch, {"geometry": preset.geometry, "shape": preset.shape, "with_path": False}
-    side = max(preset.input_size, getattr(preset, "resize_size", 0))  # the decoded (stored) size
-    decoded_bytes = (rows or 0) * 4 * side ** 2  # C*H*W uint8 (+ a mask's H*W)
-    if cache and rows is not None and decoded_bytes <= DRIVER_DECODE_BYTES:
+    if cache and rows is not None and decoded_nbytes(preset, rows) <= DRIVER_DECODE_BYTES:
         from ray.data.block import BlockAccessor
 
         tables = [BlockAccessor.batch_to_block(fn(batch, **kwargs))
@@ -192,7 +196,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
          f"{f'{cfg.scaling.min_workers}-' if cfg.scaling.min_workers else ''}{cfg.scaling.num_workers} worker(s) "
          f"x {resources}; run {run_dir}")
     # A shard small enough for the workers' own memory is also kept there after epoch 1 (ShardCache).
-    shard_mb = splits.num_train / cfg.scaling.fewest_workers * 3 * train_preset.resize_size ** 2 / 1e6
+    shard_mb = decoded_nbytes(train_preset, splits.num_train) / cfg.scaling.fewest_workers / 1e6
     worker_cache = task == "classification" and cfg.data.cache and 0 < shard_mb <= cfg.data.worker_cache_mb
     train_ds = decoded(splits.train, train_preset, num_cpus=cfg.data.decode_cpus, cache=cfg.data.cache,
                        rows=splits.num_train, num_classes=len(splits.classes))
