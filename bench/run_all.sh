@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every benchmark table in the README, in one command, with the README's sizes: training,
-# decode-bound and compute-bound inference, the CPU attribution, and the GPU script when torch sees
-# a CUDA GPU. Results go to bench/results/ (the files the README cites).
+# Every benchmark table in the README, in one command, with the README's sizes: training and
+# where its CPU goes, decode-bound and compute-bound inference and where its CPU goes, and the GPU
+# script when torch sees a CUDA GPU. Results go to bench/results/ (the files the README cites).
 #
 #   bash bench/run_all.sh            # the README's figures
 #   bash bench/run_all.sh --quick    # tiny sizes, results in a temp dir: checks that all of it runs (~4 min)
@@ -11,11 +11,13 @@ out=bench/results
 if [ "${1:-}" = "--quick" ]; then
     out=$(mktemp -d -t raycv-bench-XXXXXX)
     python bench/train_bench.py --epochs 2 --json "$out/train.json"
+    python bench/train_cpu.py --epochs 2 --reps 1 --json "$out/train_cpu.json"
     python bench/infer_bench.py --images 16 --scale 2 --size 32 --json "$out/infer_64.json"
     python bench/infer_cpu.py --images 16 --size 32 --json "$out/infer_cpu.json"
     python bench/gpu_bench.py --smoke --json "$out/gpu.json"
 else
     python bench/train_bench.py --epochs 4 --json "$out/train.json"
+    python bench/train_cpu.py --epochs 6 --reps 3 --json "$out/train_cpu.json"
     python bench/infer_bench.py --images 1000 --scale 10 --size 64 --json "$out/infer_64.json"
     python bench/infer_bench.py --images 200 --scale 4 --size 224 --json "$out/infer_224.json"
     python bench/infer_cpu.py --images 600 --size 224 --json "$out/infer_cpu.json"

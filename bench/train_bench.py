@@ -26,7 +26,9 @@ import torch
 from _report import report
 
 
-def bare_loop(epochs: int, batch: int) -> tuple[float, float]:
+def bare_loop(epochs: int, batch: int, windows: bool = False):
+    """-> (steady images/s, time to first step); with `windows`, also each steady epoch's
+    (start, end) wall-clock times."""
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -43,7 +45,7 @@ def bare_loop(epochs: int, batch: int) -> tuple[float, float]:
     y = torch.as_tensor(d.target)
     model = get_model("simple_cnn", num_classes=10)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    seen, t, first = 0, 0.0, None
+    seen, t, first, spans = 0, 0.0, None, []
     for epoch in range(epochs):
         perm = torch.randperm(len(x))
         t0 = time.perf_counter()
@@ -57,7 +59,8 @@ def bare_loop(epochs: int, batch: int) -> tuple[float, float]:
         if epoch:  # steady state, as for raycv
             t += time.perf_counter() - t0
             seen += len(x)
-    return seen / t, first
+            spans.append((time.time() - (time.perf_counter() - t0), time.time()))
+    return (seen / t, first, spans) if windows else (seen / t, first)
 
 
 def ray_documented(workers: int, epochs: int, batch: int, storage: Path) -> tuple[float, float]:

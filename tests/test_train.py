@@ -11,7 +11,7 @@ from raycv.config import load_config
 from raycv.errors import UserError
 from raycv.runtime import plan_worker_resources
 from raycv.train.checkpoint import load_model, read_info
-from raycv.train.driver import fit
+from raycv.train.driver import WORKER_MALLOC_ENV, fit, worker_malloc_env
 
 
 def _epochs(run_dir: Path) -> list[dict]:
@@ -68,6 +68,15 @@ def test_default_resources_never_starve_ray_data():
     with pytest.raises(UserError, match="does not fit"):
         plan_worker_resources(num_workers=64, use_gpu=False, cpus_per_worker=None, gpus_per_worker=1,
                               data_cpus=0.5, total_cpus=2)
+
+
+def test_worker_malloc_settings_default_and_the_drivers_environment_wins(monkeypatch):
+    for key in WORKER_MALLOC_ENV:
+        monkeypatch.delenv(key, raising=False)
+    assert worker_malloc_env() == WORKER_MALLOC_ENV and WORKER_MALLOC_ENV["MALLOC_ARENA_MAX"] == "1"
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    env = worker_malloc_env()
+    assert env["MALLOC_ARENA_MAX"] == "8" and env["MALLOC_TRIM_THRESHOLD_"] == str(2**30)
 
 
 def test_corrupt_training_image_is_one_line_exit_2(ray_session, image_tree, tmp_path, capsys):
