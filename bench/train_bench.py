@@ -48,7 +48,7 @@ def bare_loop(epochs: int, batch: int, windows: bool = False):
     seen, t, first, spans = 0, 0.0, None, []
     for epoch in range(epochs):
         perm = torch.randperm(len(x))
-        t0 = time.perf_counter()
+        t0, wall0 = time.perf_counter(), time.time()
         for i in range(0, len(x), batch):
             idx = perm[i:i + batch]
             loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
@@ -59,7 +59,7 @@ def bare_loop(epochs: int, batch: int, windows: bool = False):
         if epoch:  # steady state, as for raycv
             t += time.perf_counter() - t0
             seen += len(x)
-            spans.append((time.time() - (time.perf_counter() - t0), time.time()))
+            spans.append((wall0, time.time()))
     return (seen / t, first, spans) if windows else (seen / t, first)
 
 
