@@ -26,9 +26,8 @@ import torch
 from _report import report
 
 
-def bare_loop(epochs: int, batch: int, windows: bool = False):
-    """-> (steady images/s, time to first step); with `windows`, also each steady epoch's
-    (start, end) wall-clock times."""
+def bare_loop(epochs: int, batch: int) -> tuple[float, float, list[tuple[float, float]]]:
+    """-> (steady images/s, time to first step, each steady epoch's (start, end) wall-clock times)."""
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -60,7 +59,7 @@ def bare_loop(epochs: int, batch: int, windows: bool = False):
             t += time.perf_counter() - t0
             seen += len(x)
             spans.append((wall0, time.time()))
-    return (seen / t, first, spans) if windows else (seen / t, first)
+    return seen / t, first, spans
 
 
 def ray_documented(workers: int, epochs: int, batch: int, storage: Path) -> tuple[float, float]:
@@ -117,17 +116,23 @@ def ray_documented(workers: int, epochs: int, batch: int, storage: Path) -> tupl
     return m["ips"], m["first"] - t_call
 
 
-def raycv_fit(workers: int, epochs: int, batch: int, storage: Path) -> tuple[float, float]:
+def raycv_run(workers: int, epochs: int, batch: int, storage: Path, name: str):
+    """`raycv train` in the bench's configuration (global batch `batch`, no augmentation, every step
+    logged) -> its TrainSummary."""
     from raycv.config import load_config
     from raycv.train.driver import fit
 
     per_worker = batch // workers  # the same global batch as the bare loop
+    return fit(load_config("train", None, [f"scaling.num_workers={workers}", f"train.epochs={epochs}",
+                                           f"data.batch_size={per_worker}", "data.augment=none",
+                                           "train.log_every_steps=1", "train.tensorboard=false",
+                                           f"run.storage_path={storage}", f"run.name={name}"]),
+               echo=lambda line: None)
+
+
+def raycv_fit(workers: int, epochs: int, batch: int, storage: Path) -> tuple[float, float]:
     t_call = time.time()
-    s = fit(load_config("train", None, [f"scaling.num_workers={workers}", f"train.epochs={epochs}",
-                                        f"data.batch_size={per_worker}", "data.augment=none",
-                                        "train.log_every_steps=1", "train.tensorboard=false",
-                                        f"run.storage_path={storage}", f"run.name=bench-{workers}w"]),
-            echo=lambda line: None)
+    s = raycv_run(workers, epochs, batch, storage, f"bench-{workers}w")
     first = json.loads((Path(s.run_dir) / "steps.jsonl").read_text().splitlines()[0])["time"]
     return s.images_per_second, first - t_call
 
@@ -142,12 +147,12 @@ def main() -> None:
     import ray
 
     storage = Path(tempfile.mkdtemp(prefix="raycv-bench-runs-"))
-    rows = {"bare loop (tensors in memory)": bare_loop(args.epochs, args.batch)}
+    rows = {"bare loop (tensors in memory)": bare_loop(args.epochs, args.batch)[:2]}
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     cpus = os.cpu_count() or 1
     in_task = ray.remote(num_cpus=cpus)(bare_loop)
     ray.get(in_task.remote(2, args.batch))  # warm: the worker process has imported torch and the data
-    rows[f"bare loop as a Ray task ({cpus} CPUs)"] = ray.get(in_task.remote(args.epochs, args.batch))
+    rows[f"bare loop as a Ray task ({cpus} CPUs)"] = ray.get(in_task.remote(args.epochs, args.batch))[:2]
     # Two workers of the documented pattern take one CPU each: on a 2-CPU machine Ray Data then gets
     # none and the run waits forever, so it runs only where there are spare CPUs.
     for w in (1, 2) if os.cpu_count() > 2 else (1,):

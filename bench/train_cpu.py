@@ -13,6 +13,7 @@ ratio is against the in-process loop of the same round (the machine's speed drif
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import tempfile
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 from _report import report
-from train_bench import bare_loop
+from train_bench import bare_loop, raycv_run
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -63,11 +64,11 @@ class ProcSampler:
 
     def _at(self, series: list[tuple[float, tuple]], t: float) -> list[float] | None:
         """A process's counters at time t, interpolated between the samples around it."""
-        before = [s for s in series if s[0] <= t]
-        after = [s for s in series if s[0] >= t]
-        if not before or not after:
+        i = bisect.bisect_left(series, t, key=lambda sample: sample[0])  # samples are in time order
+        if i == len(series) or (i == 0 and series[0][0] > t):
             return None
-        (t0, a), (t1, b) = before[-1], after[0]
+        (t1, b) = series[i]
+        (t0, a) = series[i - 1] if t1 > t else series[i]
         w = 0.0 if t1 == t0 else (t - t0) / (t1 - t0)
         return [x + w * (y - x) for x, y in zip(a, b)]
 
@@ -103,7 +104,8 @@ def in_trainer(epochs: int, batch: int, out: Path, storage: Path) -> list:
     from ray.train.torch import TorchTrainer
 
     def loop(config):
-        Path(config["out"]).write_text(json.dumps(bare_loop(config["epochs"], config["batch"], windows=True)[2]))
+        Path(config["out"]).write_text(json.dumps(bare_loop(config["epochs"], config["batch"])[2]))
+        time.sleep(0.6)  # the worker exits with this function: live until the sampler has seen the end
 
     TorchTrainer(loop, train_loop_config={"epochs": epochs, "batch": batch, "out": str(out)},
                  scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": os.cpu_count()}),
@@ -113,12 +115,7 @@ def in_trainer(epochs: int, batch: int, out: Path, storage: Path) -> list:
 
 def raycv_one_worker(epochs: int, batch: int, storage: Path, name: str) -> tuple[list, int]:
     """-> (steady epochs' (start, end) times, images per epoch) of `raycv train` with 1 worker."""
-    from raycv.config import load_config
-    from raycv.train.driver import fit
-
-    s = fit(load_config("train", None, ["scaling.num_workers=1", f"train.epochs={epochs}", f"data.batch_size={batch}",
-                                        "data.augment=none", "train.log_every_steps=1", "train.tensorboard=false",
-                                        f"run.storage_path={storage}", f"run.name={name}"]), echo=lambda line: None)
+    s = raycv_run(1, epochs, batch, storage, name)
     steps = [json.loads(ln) for ln in (Path(s.run_dir) / "steps.jsonl").read_text().splitlines()]
     epochs_log = [json.loads(ln) for ln in (Path(s.run_dir) / "metrics.jsonl").read_text().splitlines()]
     spans = []
@@ -147,9 +144,9 @@ def main() -> None:
         task = ray.remote(num_cpus=os.cpu_count())(bare_loop)
         ray.get(task.remote(2, args.batch))  # warm: the task's process has imported torch
         for rep in range(1, args.reps + 1):
-            runs = [("bare loop, in this process", lambda: (bare_loop(args.epochs, args.batch, windows=True)[2], digits),
+            runs = [("bare loop, in this process", lambda: (bare_loop(args.epochs, args.batch)[2], digits),
                      None),
-                    ("bare loop, as a Ray task", lambda: (ray.get(task.remote(args.epochs, args.batch, True))[2], digits),
+                    ("bare loop, as a Ray task", lambda: (ray.get(task.remote(args.epochs, args.batch))[2], digits),
                      "ray::bare_loop"),
                     ("bare loop, in a 1-worker TorchTrainer",
                      lambda: (in_trainer(args.epochs, args.batch, storage / f"trainer{rep}.json", storage), digits),
