@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import sys
 from dataclasses import dataclass
 
 import ray
@@ -15,10 +17,13 @@ QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air")
 
 
 def connect(address: str | None = None, *, verbose: bool = False) -> None:
-    """Join the Ray cluster at `address` (or $RAY_ADDRESS), else start a local instance.
+    """Join the Ray cluster at `address` (or $RAY_ADDRESS), else start a new local instance.
 
-    Ray's own chatter stays at warning level and worker logs stay off the console unless
-    `verbose`: raycv prints its own progress from the run's metrics log.
+    A local instance is raycv's own: it runs with Ray's token authentication (a fresh token in the
+    environment of its processes, nothing written to disk, unless $RAY_AUTH_MODE / $RAY_AUTH_TOKEN
+    say otherwise). It is never an instance found by auto-discovery: to reuse a running one, pass
+    `run.address` or set $RAY_ADDRESS. Ray's own chatter stays in Ray's log folder unless `verbose`:
+    raycv prints its own progress.
     """
     level = logging.INFO if verbose else logging.WARNING
     for name in QUIET_LOGGERS:
@@ -38,7 +43,47 @@ def connect(address: str | None = None, *, verbose: bool = False) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(include_dashboard=False, **kwargs)
+        local_token_auth()
+        ray.init(address="local", include_dashboard=False, **kwargs)
+    if not verbose:
+        native_stderr_to_ray_logs()
+
+
+def local_token_auth() -> None:
+    """Token authentication for a local instance this process starts: Ray >= 2.59 turns it on by
+    default with a warning at every start (and writes a token to ~/.ray/auth_token when none
+    exists); 2.58 leaves it off. Set explicitly, with a fresh token held only in the environment
+    that the instance's processes inherit."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return  # the user chose
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    from raycv import ray_internals
+
+    ray_internals.apply_auth_env()
+
+
+def native_stderr_to_ray_logs() -> None:
+    """Ray's C++ core worker in this process writes its error-level lines straight to file
+    descriptor 2 (Ray 2.60 writes one for every Ray Data actor pool: "Actor ... has constructor
+    arguments in the object store and max_restarts > 0"). Point descriptor 2 at a file in Ray's
+    session log folder and keep Python's stderr (raycv's lines, progress bars, tracebacks) on the
+    original stream. Ray's processes were started before this and keep their own outputs. Left
+    alone when Python's stderr is not the process's own (a notebook, a test harness capturing it)."""
+    if sys.stderr is not sys.__stderr__ or sys.__stderr__ is None:
+        return
+    from raycv import ray_internals
+
+    logs = ray_internals.session_logs_dir()
+    if not logs or not os.path.isdir(logs):
+        return
+    sys.stderr.flush()
+    original = os.dup(2)
+    sys.stderr = os.fdopen(original, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+    target = os.open(os.path.join(logs, f"raycv-driver-{os.getpid()}.err"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(target, 2)
+    os.close(target)
 
 
 @dataclass(frozen=True)
@@ -104,22 +149,19 @@ def autoscaler_running(wait_s: float = 10.0) -> bool:
     types; without an autoscaling config the monitor runs read-only and each node's type is just
     `node_<its id>`. The first status can lag a fresh head by a few seconds: wait up to `wait_s`.
     """
-    import json
     import time
 
-    from ray._private import ray_constants, state
-    from ray.experimental.internal_kv import _internal_kv_get
+    from raycv import ray_internals
 
     try:
-        if state.state.get_max_resources_from_cluster_config():
+        if ray_internals.cluster_config_max_resources():
             return True
-    except Exception:  # private API: absent or moved in another Ray release
+    except Exception:  # KubeRay / autoscaler v2 only; anything else may lack it
         pass
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-            report = (json.loads(raw) if raw else {}).get("autoscaler_report")
+            report = ray_internals.autoscaler_report()
         except Exception:
             report = None
         if report:

@@ -38,6 +38,19 @@ def check_model_fits(task: str, model: str, model_task: str) -> None:
                         f"({task} models: {names})")
 
 
+# task -> (module its metrics need beyond the core install, the extra that brings it)
+EXTRAS = {"detection": ("pycocotools", "detection")}
+
+
+def check_extras(task: str) -> None:
+    """Refuse a task whose optional dependency is missing, in one line naming the extra."""
+    import importlib.util
+
+    if task in EXTRAS and importlib.util.find_spec(EXTRAS[task][0]) is None:
+        module, extra = EXTRAS[task]
+        raise UserError(f"{task} needs {module} for its COCO mAP: pip install 'raycv[{extra}]'")
+
+
 def shown(metrics: dict) -> list[tuple[str, float]]:
     """(label, value) of the task-specific metrics present in an epoch record."""
     for pairs in SHOWN.values():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,14 @@ from PIL import Image
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+# Every Ray instance the tests start runs with token authentication and the test run's token, held
+# in the environment only (Ray >= 2.59 would otherwise write one to ~/.ray/auth_token). Set before
+# anything imports ray, which reads it once.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = uuid.uuid4().hex
+
+
+SECRET_IN_URI = "raycvUriSecret0123456789"  # a credential inside a URI of a test run's config
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -26,13 +35,13 @@ def raycv_cache(tmp_path_factory):
 
 def ray_processes(marker: str, root_pid: int | None = None) -> list:
     """Processes whose command line holds `marker` (Ray sets it: RayTrainWorker, ClassificationPredictor...)
-    under `root_pid`, by default this session's raylet: other Ray instances on the host are not ours."""
+    under `root_pid`, by default the test run's raylet: other Ray instances on the host are not ours."""
     import psutil
 
     if root_pid is None:
-        import ray
+        from raycv.ray_internals import raylet_pid
 
-        root_pid = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+        root_pid = raylet_pid()
     found = []
     for p in psutil.Process(root_pid).children(recursive=True):
         try:
@@ -72,15 +81,19 @@ def digits_run(ray_session, tmp_path_factory):
 
     storage = tmp_path_factory.mktemp("digits-run")
     overrides = [f"run.storage_path={storage}", "run.name=digits-e2e", "train.epochs=2", "scaling.num_workers=2",
-                 "train.keep_checkpoints=2", "train.seed=3"]
+                 "train.keep_checkpoints=2", "train.seed=3",
+                 # digits reads no data.root: a credential here must still never be written or printed
+                 f"data.root=s3://RAYCVKEYID:{SECRET_IN_URI}@bucket/unused?X-Amz-Signature={SECRET_IN_URI}"]
     printed: list[str] = []
     summary = fit(load_config("train", None, overrides), echo=printed.append)
     run_dir = storage / "digits-e2e"
     log = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    progress = json.loads((run_dir / "progress.json").read_text())  # rank 0's last within-epoch report
     copies = storage / "checkpoints"  # both epochs' checkpoints, as the run left them
     for d in run_dir.glob("checkpoint_epoch_*"):
         shutil.copytree(d, copies / d.name)
-    return SimpleNamespace(summary=summary, printed=printed, log=log, run_dir=run_dir, overrides=overrides,
+    return SimpleNamespace(summary=summary, printed=printed, log=log, progress=progress, run_dir=run_dir,
+                           overrides=overrides,
                            checkpoint=copies / Path(summary.best_checkpoint).name)
 
 

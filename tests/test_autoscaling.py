@@ -2,7 +2,7 @@
 removes raylets on this machine exactly where a cloud provider would add and remove VMs.
 
 The head (its own ports and temp dir, own process group) runs the v1 autoscaler with a config
-written here: the Ray 2.58 wheel lacks `fake_multi_node/example.yaml`, so Ray's
+written here: Ray's wheels lack `fake_multi_node/example.yaml`, so Ray's
 `AutoscalingCluster` cannot be used (and it runs `ray stop --force`, which kills every Ray process
 on the host). A worker type carries a custom resource `accel` that stands in for a GPU; an
 inference job whose predictor actors need it makes the cluster scale up from zero, succeeds with
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import untrained_checkpoint
-from helpers.head import Head, clean_env
+from helpers.head import Head, session_token_env
 
 REPO = Path(__file__).parents[1]
 
@@ -45,15 +45,14 @@ def _config(gcs_address: str) -> dict:
 
 @pytest.fixture
 def fake_cluster():
-    from ray._private.services import get_node_ip_address
-
     from helpers.head import free_port
 
     temp = Path(tempfile.mkdtemp(prefix="rca-"))
     gcs_port = free_port()
-    (temp / "autoscaling.yaml").write_text(yaml.safe_dump(_config(f"{get_node_ip_address()}:{gcs_port}")))
-    h = Head(temp, clean_env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1"),
-             f"--autoscaling-config={temp / 'autoscaling.yaml'}", gcs_port=gcs_port)
+    (temp / "autoscaling.yaml").write_text(yaml.safe_dump(_config(f"127.0.0.1:{gcs_port}")))
+    env, token = session_token_env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+    h = Head(temp, env, "--node-ip-address=127.0.0.1", f"--autoscaling-config={temp / 'autoscaling.yaml'}",
+             gcs_port=gcs_port, token=token)
     yield h
     h.stop()  # the head's process group holds its autoscaler and the nodes that started
 

@@ -3,19 +3,21 @@ a head that runs no work, GPU workers that start from zero, the dashboard on loo
 open to the world."""
 
 import copy
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
-from ray.autoscaler._private.util import prepare_config, validate_config
 
-CLUSTER = yaml.safe_load((Path(__file__).parents[1] / "cluster.yaml").read_text())
+from raycv.ray_internals import validate_cluster_config
+
+REPO = Path(__file__).parents[1]
+CLUSTER = yaml.safe_load((REPO / "cluster.yaml").read_text())
 
 
 def _check(config: dict) -> dict:
-    prepared = prepare_config(copy.deepcopy(config))
-    validate_config(prepared)
-    return prepared
+    return validate_cluster_config(copy.deepcopy(config))
 
 
 def test_cluster_yaml_passes_rays_schema():
@@ -53,3 +55,13 @@ def test_rays_schema_rejects_broken_configs(breakage, why):
         config["available_node_types"]["gpu_infer"]["max_workers"] = "many"
     with pytest.raises(jsonschema.ValidationError, match=why):
         _check(config)
+
+
+def test_the_image_runs_the_ray_that_the_default_install_resolves_to():
+    """A client and its cluster must run the same Ray: the image follows the newest Ray that
+    pyproject.toml allows (`ray...>=A,<X.Y` resolves to the X.(Y-1) line)."""
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (ray_dep,) = [d for d in deps if d.startswith("ray[")]
+    major, minor = map(int, re.search(r"<(\d+)\.(\d+)", ray_dep).groups())
+    tag = CLUSTER["docker"]["image"].split(":")[1]
+    assert tag.startswith(f"{major}.{minor - 1}."), (tag, ray_dep)

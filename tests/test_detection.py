@@ -187,7 +187,21 @@ def test_detection_mistakes_are_refused_in_one_line(args, message, tmp_path, cap
     assert len(err) == 1 and message in err[0]
 
 
-# Measured on this machine (2 CPUs, session 5): TRAIN below reached val mAP@.5 0.805 (mAP 0.685) at its best epoch
+def test_detection_without_its_extra_is_one_line_before_ray_starts(monkeypatch, tmp_path, capsys):
+    """pycocotools comes with `raycv[detection]`; without it training and evaluation say so."""
+    from raycv import tasks
+    from raycv.cli import main
+
+    monkeypatch.setitem(tasks.EXTRAS, "detection", ("raycv_no_such_module", "detection"))
+    assert main(["train", "data.name=shapes_detection", "model.name=fcos_small", f"run.storage_path={tmp_path}",
+                 "data.num_samples=20"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["raycv train: error: detection needs raycv_no_such_module for its COCO mAP: "
+                   "pip install 'raycv[detection]'"]
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+# Measured on this machine (2 CPUs, 2026-11-29): TRAIN below reached val mAP@.5 0.805 (mAP 0.685) at its best epoch
 # by mAP (the 6th; 0.818 at the 5th). The bar leaves margin for run-to-run variation (batch order, 2 ranks).
 MAP50_BAR = 0.60
 TRAIN = ["data.name=shapes_detection", "data.num_samples=500", "data.input_size=64", "model.name=fcos_small",

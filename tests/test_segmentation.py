@@ -148,7 +148,7 @@ def test_pretrained_segmentation_weights_load_with_a_new_classifier(tmp_path):
     assert model.eval()(torch.zeros(1, 3, 64, 64))["out"].shape == (1, 4, 64, 64)
 
 
-# Measured on this machine (2 CPUs, session 4): TRAIN below reached val mIoU 0.82 (best of 10 epochs; 0.74 after 6
+# Measured on this machine (2 CPUs, 2026-11-29): TRAIN below reached val mIoU 0.82 (best of 10 epochs; 0.74 after 6
 # epochs in two other runs). The bar leaves margin for run-to-run variation (batch order, 2 ranks).
 MIOU_BAR = 0.70
 TRAIN = ["data.name=shapes_segmentation", "data.num_samples=600", "data.input_size=32", "model.name=lraspp_small",

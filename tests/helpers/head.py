@@ -30,7 +30,17 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def session_token_env(**extra: str) -> tuple[dict[str, str], str]:
+    """(clean_env with this test session's token auth, the token): a head started with it accepts this
+    process's own Ray clients (state API, ray.init), which read the token from the same variables."""
+    token = os.environ["RAY_AUTH_TOKEN"]  # tests/conftest.py sets it for the session
+    return clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, **extra), token
+
+
 class Head:
+    """`token`: what the head expects (its env must say the same); every Ray release from 2.59 turns
+    token authentication on for a head that finds a token file in ~/.ray, so tests always set one."""
+
     def __init__(self, temp: Path, env: dict[str, str], *extra_args: str, token: str | None = None,
                  gcs_port: int | None = None):
         self.temp, self.env, self.token = temp, env, token

@@ -1,0 +1,75 @@
+"""Every private Ray API raycv touches, in one place.
+
+Ray moves its private modules between releases. Each function here wraps one such use behind a
+name raycv owns; `tests/test_ray_internals.py` calls each on the installed Ray, so a release that
+moves one fails that test by name instead of somewhere deep in a run. The last three serve the
+tests only (they check Ray's own behaviour: which files an upload leaves out, Ray's cluster-config
+schema, which processes belong to the session's raylet).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+
+def cluster_config_max_resources() -> dict | None:
+    """Node-type maxima of the cluster config that KubeRay / autoscaler v2 report, or None."""
+    from ray._private import state
+
+    return state.state.get_max_resources_from_cluster_config()
+
+
+def autoscaler_report() -> dict | None:
+    """The v1 autoscaler's latest status report (written every few seconds by the head's monitor),
+    or None before the first one."""
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    return (json.loads(raw) if raw else {}).get("autoscaler_report")
+
+
+def apply_auth_env() -> None:
+    """Make this process see $RAY_AUTH_MODE / $RAY_AUTH_TOKEN as they are now. Ray reads its
+    config and the token once, when `ray` is imported; a local instance started afterwards by
+    `ray.init` would otherwise run with the values from before."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def session_logs_dir() -> str | None:
+    """This driver's Ray session log folder (`<temp>/session_*/logs`), or None when not connected."""
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    return node.get_logs_dir_path() if node is not None else None
+
+
+# -- for the tests --------------------------------------------------------------------------------
+
+
+def raylet_pid() -> int:
+    """The PID of the raylet this process's Ray instance started (its workers are its children)."""
+    from ray._private import worker
+
+    return worker._global_node.all_processes["raylet"][0].process.pid
+
+
+def upload_excludes(working_dir, include_gitignore: bool = True) -> Callable[[Any], bool]:
+    """Whether Ray's job upload leaves a path out (`.gitignore` / `.rayignore` of `working_dir`)."""
+    from ray._private.runtime_env.packaging import get_excludes_from_ignore_files
+
+    (ignored,) = get_excludes_from_ignore_files(working_dir, include_gitignore=include_gitignore)
+    return ignored
+
+
+def validate_cluster_config(config: dict) -> dict:
+    """A cluster-launcher config filled with Ray's defaults and checked against Ray's schema."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(config)
+    validate_config(prepared)
+    return prepared

@@ -1,0 +1,38 @@
+"""Every private Ray API raycv uses (raycv/ray_internals.py) still exists and answers on the
+installed Ray. A Ray release that moves one fails here, by name, rather than deep in a run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psutil
+
+from raycv import ray_internals
+
+REPO = Path(__file__).parents[1]
+
+
+def test_private_ray_apis_on_a_live_instance(ray_session):
+    assert isinstance(ray_internals.cluster_config_max_resources(), (dict, type(None)))
+    report = ray_internals.autoscaler_report()
+    assert report is None or isinstance(report, dict)
+    logs = ray_internals.session_logs_dir()
+    assert logs and Path(logs).is_dir() and Path(logs).name == "logs"
+    assert any(p.name.startswith("raylet") for p in Path(logs).iterdir())
+    raylet = psutil.Process(ray_internals.raylet_pid())
+    assert "raylet" in raylet.name() and raylet.is_running()
+
+
+def test_auth_settings_are_reread_after_import():
+    before = (os.environ.get("RAY_AUTH_MODE"), os.environ.get("RAY_AUTH_TOKEN"))
+    ray_internals.apply_auth_env()  # Ray's config and token cache, reloaded from the environment
+    assert (os.environ.get("RAY_AUTH_MODE"), os.environ.get("RAY_AUTH_TOKEN")) == before
+
+
+def test_private_ray_apis_for_the_tests():
+    ignored = ray_internals.upload_excludes(REPO, include_gitignore=False)
+    assert ignored(REPO / ".venv" / "x") and not ignored(REPO / "raycv" / "cli.py")
+    prepared = ray_internals.validate_cluster_config(
+        {"cluster_name": "x", "provider": {"type": "aws", "region": "us-west-2"}, "max_workers": 0})
+    assert prepared["max_workers"] == 0 and "available_node_types" in prepared
