@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
+from pathlib import Path
 from typing import Callable
 
 from raycv.errors import UserError, find_user_error
 
 EXIT_USER_ERROR = 2
+
+
+def say(text: str = "", **kwargs) -> None:
+    """print, with credentials in URIs redacted (raycv never prints a secret it was given)."""
+    from raycv.redact import redact
+
+    print(redact(str(text)), **kwargs)
 
 
 def _job_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
@@ -84,16 +93,16 @@ def cmd_train(args) -> int:
         from raycv.tasks import shown
 
         quality = ", ".join(f"val {label} {value:.4f}" for label, value in shown(s.metrics or {})) or "n/a"
-    print(f"done: {quality} (best checkpoint), {ips} train images/s, {s.epochs} epochs, {s.wall_seconds:.0f} s")
+    say(f"done: {quality} (best checkpoint), {ips} train images/s, {s.epochs} epochs, {s.wall_seconds:.0f} s")
     if s.resumed_from_epoch:
-        print(f"resumed from the epoch-{s.resumed_from_epoch} checkpoint of this run")
+        say(f"resumed from the epoch-{s.resumed_from_epoch} checkpoint of this run")
     if s.early_stopped:
-        print(f"stopped early after epoch {s.epochs}: no better {s.checkpoint_metric} for "
+        say(f"stopped early after epoch {s.epochs}: no better {s.checkpoint_metric} for "
               f"{cfg.train.early_stop_patience} epoch(s)")
     if s.curves:
-        print(f"curves:          {s.curves}")
-    print(f"run directory:   {s.run_dir}")
-    print(f"best checkpoint: {s.best_checkpoint}")
+        say(f"curves:          {s.curves}")
+    say(f"run directory:   {s.run_dir}")
+    say(f"best checkpoint: {s.best_checkpoint}")
     return 0
 
 
@@ -112,9 +121,9 @@ def cmd_infer(args) -> int:
 
     cfg = load_config("infer", args.config, infer_overrides(args))
     s = run_inference(cfg)
-    print(f"done: {s.rows} rows ({s.ok} ok, {s.errors} errors), {s.images_per_second:,.1f} images/s, "
+    say(f"done: {s.rows} rows ({s.ok} ok, {s.errors} errors), {s.images_per_second:,.1f} images/s, "
           f"{s.wall_seconds:.0f} s")
-    print(f"predictions: {s.output}")
+    say(f"predictions: {s.output}")
     return 0
 
 
@@ -125,9 +134,9 @@ def cmd_evaluate(args) -> int:
     keys = {"segmentation": ("rows", "scored", "miou", "pixel_accuracy"),
             "detection": ("rows", "scored", "map", "map_50", "map_75", "mar_100")}.get(report["task"],
                                                                                      ("rows", "scored", "top1", "top5"))
-    print(json.dumps({k: report[k] for k in keys}))
+    say(json.dumps({k: report[k] for k in keys}))
     if args.output:
-        print(f"report: {args.output}")
+        say(f"report: {args.output}")
     return 0
 
 
@@ -135,7 +144,7 @@ def cmd_draw(args) -> int:
     from raycv.infer.draw import draw_predictions
 
     written = draw_predictions(args.predictions, args.output, limit=args.limit, score_threshold=args.score_threshold)
-    print(f"drew {len(written)} image(s) into {args.output}")
+    say(f"drew {len(written)} image(s) into {args.output}")
     return 0
 
 
@@ -158,21 +167,35 @@ def cmd_submit(args) -> int:
             resources = {str(k): float(v) for k, v in json.loads(args.entrypoint_resources).items()}
         except (ValueError, AttributeError, TypeError):
             raise UserError(f"--entrypoint-resources wants a JSON object of numbers, got {args.entrypoint_resources!r}") from None
+    from raycv.redact import has_secret
+
+    if any(has_secret(a) for a in args.job_args):
+        raise UserError("a credential in a URI among the job's arguments would be readable by anyone who can list "
+                        "the cluster's jobs; give credentials through the cluster's environment or instance roles")
+    working_dir = Path(args.working_dir).expanduser()
+    if not working_dir.is_dir():
+        raise UserError(f"--working-dir {args.working_dir} is not a folder")
+    try:  # the verb's own arguments, parsed as `raycv <verb>` would on the cluster
+        job = build_parser().parse_args([args.job_verb, *args.job_args])
+    except SystemExit:
+        raise UserError(f"bad arguments for `raycv {args.job_verb}`: {shlex.join(args.job_args)}") from None
+    overrides = infer_overrides(job) if args.job_verb == "infer" else list(getattr(job, "overrides", []))
+    submit.validate_locally(args.job_verb, getattr(job, "config", None), overrides, working_dir)
     req = submit.JobRequest(verb=args.job_verb, args=list(args.job_args), address=args.address,
                             working_dir=args.working_dir, pip=args.pip, env=_pairs(args.env, "--env"),
                             num_cpus=args.entrypoint_num_cpus, num_gpus=args.entrypoint_num_gpus,
                             resources=resources, submission_id=args.submission_id)
     job_id, client = submit.submit(req)
-    print(f"submitted {job_id} to {submit.job_address(args.address)}", flush=True)
+    say(f"submitted {job_id} to {submit.job_address(args.address)}", flush=True)
     if not args.wait:
-        print(f"follow it: raycv jobs logs {job_id} --follow")
+        say(f"follow it: raycv jobs logs {job_id} --follow")
         return 0
     try:
         status = submit.follow(client, job_id)
     except KeyboardInterrupt:
-        print(f"\nstopped following; the job goes on. Stop it with: raycv jobs stop {job_id}", file=sys.stderr)
+        say(f"\nstopped following; the job goes on. Stop it with: raycv jobs stop {job_id}", file=sys.stderr)
         return 130
-    print(f"job {job_id}: {status}")
+    say(f"job {job_id}: {status}")
     return 0 if status == "SUCCEEDED" else 1
 
 
@@ -184,27 +207,27 @@ def cmd_jobs(args) -> int:
     if args.action == "list":
         jobs = submit.call(args.address, "cannot list jobs", lambda c: c.list_jobs())
         for job in sorted(jobs, key=lambda j: j.start_time or 0):
-            print(submit.describe(job))
+            say(submit.describe(job))
     elif args.action == "status":
         info = submit.call(args.address, f"no job {args.job_id}", lambda c: c.get_job_info(args.job_id))
-        print(submit.describe(info))
+        say(submit.describe(info))
         if info.message:
-            print(info.message)
+            say(info.message)
     elif args.action == "logs":
         if args.follow:  # one client; an unknown id fails in one line on the status request
             status = submit.call(args.address, f"no job {args.job_id}", lambda c: submit.follow(c, args.job_id))
             return 0 if status == "SUCCEEDED" else 1
-        print(submit.call(args.address, f"no job {args.job_id}", lambda c: c.get_job_logs(args.job_id)), end="")
+        say(submit.call(args.address, f"no job {args.job_id}", lambda c: c.get_job_logs(args.job_id)), end="")
     else:
         stopped = submit.call(args.address, f"cannot stop {args.job_id}", lambda c: c.stop_job(args.job_id))
-        print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
+        say(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
     return 0
 
 
 def cmd_report(args) -> int:
     from raycv.train.report import write_report
 
-    print(write_report(args.run_dir.rstrip("/")).table())
+    say(write_report(args.run_dir.rstrip("/")).table())
     return 0
 
 
@@ -212,7 +235,7 @@ def cmd_models(args) -> int:
     from raycv.models import list_models
 
     for e in list_models():
-        print(f"{e.name:<28} {e.task:<15} {e.source:<12} input {e.default_input_size}px")
+        say(f"{e.name:<28} {e.task:<15} {e.source:<12} input {e.default_input_size}px")
     return 0
 
 
@@ -220,7 +243,7 @@ def cmd_datasets(args) -> int:
     from raycv.data import list_datasets
 
     for e in list_datasets():
-        print(f"{e.name:<20} {e.task:<15} {'(needs data.root) ' if e.needs_root else ''}{e.description}")
+        say(f"{e.name:<20} {e.task:<15} {'(needs data.root) ' if e.needs_root else ''}{e.description}")
     return 0
 
 
@@ -234,16 +257,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.verb](args)
     except (UserError, FileNotFoundError) as e:
-        print(f"raycv {args.verb}: error: {e}", file=sys.stderr)
+        say(f"raycv {args.verb}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as e:  # an error that crossed Ray: one line if it is the user's
         user = find_user_error(e)
         if user is None:
             raise
-        print(f"raycv {args.verb}: error: {user}", file=sys.stderr)
+        say(f"raycv {args.verb}: error: {user}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("raycv: interrupted", file=sys.stderr)
+        say("raycv: interrupted", file=sys.stderr)
         return 130
 
 

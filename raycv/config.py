@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raycv.errors import ConfigError
 
@@ -23,7 +24,8 @@ from raycv.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never a sensible learning rate, fraction or size
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataSection(_Section):
@@ -71,7 +73,7 @@ class OptimSection(_Section):
 
 
 class TrainSection(_Section):
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, le=100_000)
     warmup_epochs: float = Field(1.0, ge=0.0)  # linear warmup from lr * warmup_factor, in epochs
     warmup_factor: float = Field(0.1, gt=0.0, le=1.0)
     lr_schedule: Literal["cosine", "step", "constant"] = "cosine"  # after warmup
@@ -101,10 +103,10 @@ class TrainSection(_Section):
 
 
 class ScalingSection(_Section):
-    num_workers: int = Field(2, ge=1)  # Ray Train workers (DDP ranks)
+    num_workers: int = Field(2, ge=1, le=10_000)  # Ray Train workers (DDP ranks)
     # Elastic training: with min_workers below num_workers, Ray Train starts with as many workers as the
     # cluster holds between the two, and resizes (restarting from the last checkpoint) as nodes come and go.
-    min_workers: int | None = Field(None, ge=1)
+    min_workers: int | None = Field(None, ge=1, le=10_000)
     use_gpu: bool = False
     cpus_per_worker: float | None = Field(None, gt=0.0)  # default: share the cluster's CPUs with Ray Data
     gpus_per_worker: float = Field(1.0, gt=0.0)  # with use_gpu
@@ -124,6 +126,9 @@ class ScalingSection(_Section):
         return self.min_workers or self.num_workers
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 class RunSection(_Section):
     storage_path: str = "runs"  # local folder or URI; relative paths are resolved against the cwd
     name: str | None = None  # default: <data>-<model>-<timestamp>; the same name resumes that run
@@ -134,6 +139,20 @@ class RunSection(_Section):
     # curves.png and summary.json as artifacts. A resumed run continues the same MLflow run.
     mlflow_tracking_uri: str | None = None
     mlflow_experiment: str = "raycv"
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name_as_written(cls, v: Any) -> Any:
+        """`run.name=2024` or `2024-01-01` is the name the user typed, not a number or a date."""
+        return str(v) if isinstance(v, (int, float, _dt.date)) and not isinstance(v, bool) else v
+
+    @field_validator("name")
+    @classmethod
+    def _one_path_component(cls, v: str | None) -> str | None:
+        if v is not None and not RUN_NAME.fullmatch(v):
+            raise ValueError(f"{v!r} must be one folder name: letters, digits, '.', '_' and '-', "
+                             "starting with a letter or digit, at most 128 characters")
+        return v
 
 
 class InferSection(_Section):
@@ -147,8 +166,8 @@ class InferSection(_Section):
     embedding: bool = False  # add the penultimate features as an `embedding` column
     mode: Literal["error", "overwrite", "resume"] = "error"  # what to do when output exists
     max_error_fraction: float = Field(1.0, ge=0.0, le=1.0)  # fail the job above this share of bad inputs
-    min_actors: int = Field(1, ge=1)
-    max_actors: int = Field(1, ge=1)
+    min_actors: int = Field(1, ge=1, le=10_000)
+    max_actors: int = Field(1, ge=1, le=10_000)
     cpus_per_actor: float | None = Field(None, gt=0.0)  # default: what the cluster can spare
     use_gpu: bool = False
     actor_resources: dict[str, float] = Field(default_factory=dict)  # custom resources per actor, e.g. {accel: 1}
@@ -277,4 +296,7 @@ def resolve_storage_path(storage_path: str) -> str:
 
 
 def to_yaml(cfg: BaseModel) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The config as written down (config.yaml): credentials in URIs redacted."""
+    from raycv.redact import redact_tree
+
+    return yaml.safe_dump(redact_tree(cfg.model_dump(mode="json")), sort_keys=False)

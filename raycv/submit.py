@@ -62,18 +62,14 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def validate_locally(verb: str, args: list[str], working_dir: Path) -> None:
-    """Parse the verb's arguments and load its config as the cluster will: fail before uploading."""
-    from raycv.cli import build_parser, infer_overrides
+def validate_locally(verb: str, config: str | None, overrides: list[str], working_dir: Path) -> str | None:
+    """Load the verb's config as the cluster will, so a wrong key fails before anything is uploaded;
+    -> the config file's path as given. `overrides` are the verb's dotted overrides (the CLI
+    turns its flags into them)."""
     from raycv.config import load_config
 
     if verb not in JOB_VERBS:
         raise UserError(f"cannot submit {verb!r}: choose one of {', '.join(JOB_VERBS)}")
-    try:
-        parsed = build_parser().parse_args([verb, *args])
-    except SystemExit:
-        raise UserError(f"bad arguments for `raycv {verb}`: {shlex.join(args)}") from None
-    config = getattr(parsed, "config", None)
     if config:
         p = Path(config)
         resolved = (working_dir / p).resolve() if not p.is_absolute() else p
@@ -83,10 +79,9 @@ def validate_locally(verb: str, args: list[str], working_dir: Path) -> None:
             raise UserError(f"--config {config} lies outside the working directory {working_dir}, "
                             "so the job could not read it; put it inside or pass --working-dir") from None
         config = str(resolved)
-    if verb == "train":
-        load_config("train", config, parsed.overrides)
-    elif verb == "infer":
-        load_config("infer", config, infer_overrides(parsed))
+    if verb in ("train", "infer"):
+        load_config(verb, config, overrides)
+    return config
 
 
 def entrypoint(verb: str, args: list[str], working_dir: Path) -> str:
@@ -96,11 +91,11 @@ def entrypoint(verb: str, args: list[str], working_dir: Path) -> str:
 
 
 def submit(req: JobRequest) -> tuple[str, object]:
-    """Validate, then submit; -> (submission id, the client that submitted it)."""
+    """Submit a request whose config was validated (`validate_locally`); -> (submission id, the
+    client that submitted it)."""
     wd = Path(req.working_dir).expanduser()
     if not wd.is_dir():
         raise UserError(f"--working-dir {req.working_dir} is not a folder")
-    validate_locally(req.verb, req.args, wd)
     runtime_env: dict = {"working_dir": str(wd.resolve())}
     if req.pip:
         runtime_env["pip"] = list(req.pip)

@@ -82,3 +82,63 @@ def test_cli_lists_models_and_datasets():
     for name in ("digits", "shapes", "image_folder", "cifar10", "parquet", "shapes_segmentation", "voc_segmentation",
                  "parquet_segmentation"):
         assert name in r.stdout
+
+
+@pytest.mark.parametrize("name", ["2024", "2024-01-01", "exp.1_a-b", "A" * 128])
+def test_a_run_name_is_taken_as_written(name):
+    assert load_config("train", None, [f"run.name={name}"]).run.name == name
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", "..", ".hidden", "/abs", "a\\b", "x y", "A" * 129, "-x"])
+def test_a_run_name_is_one_folder_name(name):
+    """A run name is joined to run.storage_path: anything but one plain component could land outside it."""
+    with pytest.raises(ConfigError, match=r"^run\.name: .* must be one folder name"):
+        load_config("train", None, [f"run.name={name}"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "data.name=cifar10"], "dataset 'cifar10' needs data.root=PATH"),
+    (["train", "data.name=cifar10", "data.root=/no/such/cifar"], "data.root does not exist: /no/such/cifar"),
+    (["train", "model.init_from=/no/such/run"], "model.init_from does not exist: /no/such/run"),
+    (["train", "optim.lr=.inf"], "optim.lr=inf: Input should be a finite number"),
+    (["train", "train.epochs=1000000000000"], "train.epochs=1000000000000: Input should be less than or equal to"),
+    (["train", "scaling.num_workers=100000"], "scaling.num_workers=100000: Input should be less than or equal to"),
+    (["infer", "--input", "/no/such/images"], "infer.input does not exist: /no/such/images"),
+    (["infer", "--input", "registry:digits:test"], "registry input split must be train or val, got 'test'"),
+    (["infer", "--input", "registry:nope"], "unknown dataset 'nope'"),
+])
+def test_bad_input_is_refused_before_ray_starts(argv, message, monkeypatch, tmp_path, capsys):
+    from conftest import untrained_checkpoint
+
+    from raycv import runtime
+    from raycv.cli import main
+
+    monkeypatch.setattr(runtime, "connect", lambda *a, **k: pytest.fail("Ray was started"))
+    if argv[0] == "infer":
+        argv = [*argv, "--checkpoint", str(untrained_checkpoint(tmp_path / "ckpt")), "--output", str(tmp_path / "out")]
+    assert main([*argv, f"run.storage_path={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+def test_credentials_in_uris_are_redacted_where_raycv_writes_or_prints_them(monkeypatch, capsys):
+    from raycv import runtime
+    from raycv.cli import main
+    from raycv.config import to_yaml
+    from raycv.redact import redact
+
+    assert redact("https://user:pa55@mlflow:5000/x") == "https://***@mlflow:5000/x"
+    assert redact("s3://AKIA:SECRET@bucket/k?X-Amz-Signature=abc&x=1&token=t") == \
+        "s3://***@bucket/k?X-Amz-Signature=***&x=1&token=***"
+    assert redact("gs://bucket/plain/path.parquet") == "gs://bucket/plain/path.parquet"
+    cfg = load_config("train", None, ["run.mlflow_tracking_uri=https://user:pa55@mlflow:5000"])
+    assert "pa55" not in to_yaml(cfg) and cfg.run.mlflow_tracking_uri == "https://user:pa55@mlflow:5000"
+    monkeypatch.setattr(runtime, "connect", lambda *a, **k: pytest.fail("Ray was started"))
+    # an error line that names the URI (a scheme pyarrow cannot open: no network is touched)
+    assert main(["train", "data.name=image_folder", "data.root=nofs://AKIA:SECRET@host/none"]) == 2
+    err = capsys.readouterr().err
+    assert "SECRET" not in err and "nofs://***@host/none" in err
+    assert main(["submit", "--address", "http://127.0.0.1:9", "infer", "--input", "s3://AKIA:SECRET@bucket/x"]) == 2
+    err = capsys.readouterr().err
+    assert "SECRET" not in err and "would be readable by anyone who can list the cluster's jobs" in err

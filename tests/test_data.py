@@ -63,7 +63,7 @@ def test_image_folder_split_by_fraction(ray_session, image_tree):
 
 
 def test_image_folder_missing_root():
-    with pytest.raises(UserError, match="not a folder"):
+    with pytest.raises(UserError, match="data.root does not exist: /nonexistent/images"):
         build_dataset(DataSection(name="image_folder", root="/nonexistent/images"))
     with pytest.raises(UserError, match="needs data.root"):
         build_dataset(DataSection(name="image_folder"))
@@ -203,3 +203,20 @@ def test_decompression_bomb_is_an_error_not_an_oom(tmp_path):
 def test_tiny_images_decode():
     out = open_rgb(_encode(Image.new("RGB", (1, 1), (1, 2, 3)), "PNG"))
     assert out.size == (1, 1) and PRESET.geometry(out).shape == (3, 16, 16)
+
+
+def test_listing_does_not_follow_symlinked_folders(tmp_path):
+    """As `find` does by default: a link to a folder outside the root and a loop back into it add
+    nothing (a loop used to multiply the entries exponentially); a symlinked file is listed once."""
+    from raycv.data.io import list_files
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "a").mkdir(parents=True)
+    outside.mkdir()
+    (root / "a" / "x.png").write_bytes(b"x")
+    (outside / "secret.png").write_bytes(b"s")
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    (root / "a" / "loop").symlink_to(root, target_is_directory=True)
+    (root / "a" / "loop2").symlink_to(root / "a", target_is_directory=True)
+    (root / "linked.png").symlink_to(outside / "secret.png")
+    assert list_files(str(root)) == [str(root / "a" / "x.png"), str(root / "linked.png")]

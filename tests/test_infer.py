@@ -20,6 +20,8 @@ from raycv.infer.output import MANIFEST, read_output
 from raycv.infer.pipeline import plan_actors, run_inference
 from raycv.train.checkpoint import load_model
 
+HERE = Path(__file__).parent  # an input folder that exists (the checkpoint is refused first)
+
 
 @pytest.fixture(scope="module")
 def checkpoint(digits_run) -> Path:
@@ -145,12 +147,12 @@ def test_error_overwrite_and_resume_modes(ray_session, checkpoint, digit_folder,
     for p in pngs[20:35]:  # 15 new inputs arrive
         (folder / p.parent.name).mkdir(parents=True, exist_ok=True)
         (folder / p.parent.name / p.name).write_bytes(p.read_bytes())
-    (out / "part-crashed-00000.parquet").write_bytes(b"debris from a killed run")
+    (out / "part-20260101000000-dead00-00000.parquet").write_bytes(b"debris: a killed run moved it in, unlisted")
     s = _infer(checkpoint, folder, out, "infer.mode=resume")
     assert (s.rows, s.skipped_done) == (15, 20)  # only the new inputs were processed
     paths = read_output(str(out)).column("path").to_pylist()
     assert sorted(paths) == sorted(str(p) for p in folder.rglob("*.png")) and len(set(paths)) == 35
-    assert not (out / "part-crashed-00000.parquet").exists()
+    assert not (out / "part-20260101000000-dead00-00000.parquet").exists()
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["rows"] == 35 and [r["mode"] for r in manifest["runs"]] == ["error", "resume"]
 
@@ -195,7 +197,7 @@ def test_evaluate_reports_json_and_png(ray_session, checkpoint, digit_folder, tm
 
     drawn = draw_predictions(str(tmp_path / "out"), str(tmp_path / "drawn"), limit=2)
     first = sorted(table, key=lambda r: r["path"])[0]
-    assert len(drawn) == 2 and drawn[0].name.endswith(Path(first["path"]).stem + ".png")
+    assert len(drawn) == 2 and Path(drawn[0]).name.endswith(Path(first["path"]).stem + ".png")
     img = np.asarray(Image.open(drawn[0]).convert("RGB"))
     plain = np.asarray(Image.open(first["path"]).convert("RGB"))
     factor = img.shape[0] // plain.shape[0]
@@ -214,7 +216,7 @@ def test_actor_sizing_refuses_a_silent_hang():
 def test_cli_bad_checkpoint_is_one_line(ray_session, tmp_path, capsys):
     (tmp_path / "fake").mkdir()
     (tmp_path / "fake" / "model.pt").write_bytes(b"not torch")
-    rc = main(["infer", "--checkpoint", str(tmp_path / "fake"), "--input", str(tmp_path), "--output", str(tmp_path / "o")])
+    rc = main(["infer", "--checkpoint", str(tmp_path / "fake"), "--input", str(HERE / "helpers"), "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "not a raycv checkpoint or run directory" in err[0]
 
@@ -268,7 +270,7 @@ def test_checkpoint_with_a_code_pickle_is_refused_and_nothing_runs(checkpoint, t
     _record_digests(evil)  # whoever plants the file can rewrite raycv.json too: weights_only must hold alone
     with pytest.raises(UserError, match="refusing to load .*model.pt: not a tensors-only raycv file"):
         load_model(evil)
-    rc = main(["infer", "--checkpoint", str(evil), "--input", str(tmp_path), "--output", str(tmp_path / "o")])
+    rc = main(["infer", "--checkpoint", str(evil), "--input", str(HERE / "helpers"), "--output", str(tmp_path / "o")])
     assert rc == 2 and "refusing to load" in capsys.readouterr().err
     assert not marker.exists()  # the payload never ran
 
@@ -310,7 +312,7 @@ def test_torn_checkpoints_are_refused_instead_of_loading_wrong_weights(checkpoin
     model, info = load_model(b)  # the intact one: its own weights
     assert all(torch.equal(v, w) for v, w in zip(model.state_dict().values(),
                                                   torch.load(b / "model.pt", weights_only=True).values()))
-    rc = main(["infer", "--checkpoint", str(cases["mixed"]), "--input", str(tmp_path), "--output", str(tmp_path / "o")])
+    rc = main(["infer", "--checkpoint", str(cases["mixed"]), "--input", str(HERE / "helpers"), "--output", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "is torn" in err[0] and not (tmp_path / "o").exists()
 

@@ -10,6 +10,7 @@ with --block in its own process group, and only that group is stopped afterwards
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,9 @@ import pytest
 from helpers.head import RAY, Head, clean_env
 
 REPO = Path(__file__).parents[1]
+# A line of Ray's own logging: the C++ core's "[2026-12-01 04:02:47,232 E 5871 5871] core_worker.cc:..."
+# or Python's "... WARNING authentication_token_setup.py:85 -- ..."
+RAY_LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+ [IWEF] \d+ \d+\]|\b(WARNING|ERROR)\b.* -- ", re.M)
 
 
 def _env(token_path: str | None) -> dict[str, str]:
@@ -61,6 +65,8 @@ def trained(head, tmp_path_factory) -> Path:
                                   "train.epochs=1", "scaling.num_workers=1", "data.num_samples=200",
                                   "data.input_size=32", f"run.storage_path={runs}", "run.name=job")
     assert status == "SUCCEEDED", out[-3000:]
+    logs = head.client().get_job_logs("raycv-train")
+    assert "done: val mIoU" in logs and not RAY_LOG_LINE.search(logs), logs[-3000:]  # only raycv's own lines
     return runs / "job"
 
 
@@ -165,14 +171,16 @@ def test_bad_config_is_refused_before_submission(head):
 
 
 def test_token_auth_refuses_requests_without_the_token(head, tmp_path):
-    for env, word in ((_env(None), "Authentication required"), (_env(None) | {
+    # HOME without .ray/auth_token: a client that finds a token file there turns token auth on (Ray >= 2.59)
+    no_token = _env(None) | {"HOME": str(tmp_path)}
+    for env, word in ((no_token, "Authentication required"), (no_token | {
             "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}, "Authentication failed")):
         r = _raycv("submit", "--address", head.address, "train", "train.epochs=1", env=env, timeout=60)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and word in r.stderr, r.stderr
         r = _raycv("jobs", "list", "--address", head.address, env=env, timeout=60)
         assert r.returncode == 2 and word in r.stderr, r.stderr
     r = subprocess.run([RAY, "job", "list", "--address", head.address], capture_output=True, text=True,
-                       env=_env(None), timeout=60)
+                       env=no_token, timeout=60)
     assert r.returncode != 0
     assert not any(j.entrypoint.endswith("train.epochs=1") and j.submission_id.startswith("raycv-train")
                    for j in head.client().list_jobs())
@@ -180,11 +188,14 @@ def test_token_auth_refuses_requests_without_the_token(head, tmp_path):
 
 def test_rayignore_keeps_the_upload_small():
     """The uploaded working dir leaves out runs, outputs, venvs and weights, even with .gitignore off."""
-    from ray._private.runtime_env.packaging import get_excludes_from_ignore_files
+    from raycv.ray_internals import upload_excludes
 
-    (ignored,) = get_excludes_from_ignore_files(REPO, include_gitignore=False)
+    ignored = upload_excludes(REPO, include_gitignore=False)
     for rel in ("runs/x/model.pt", ".venv/lib/torch.so", "outputs/p.parquet", "bench/results/r.json", "data/cifar",
-                ".git/objects", "raycv/__pycache__/cli.pyc", "w.pth"):
+                ".git/objects", "raycv/__pycache__/cli.pyc", "w.pth", ".venv-ray258/bin/python",
+                # secrets
+                ".env", ".env.local", "deploy/tls.pem", "keys/server.key", "certs/c.p12", ".aws/credentials",
+                "credentials.json", "gcp/service-account-prod.json", ".netrc", "id_rsa", "id_ed25519.pub", "auth_token"):
         assert ignored(REPO / rel), rel
     for rel in ("raycv/data/sources.py", "jobs/train.py", "jobs/configs/digits_cnn.yaml", "cluster.yaml"):
         assert not ignored(REPO / rel), rel

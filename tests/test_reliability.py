@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import N_MANY, ray_processes
+from conftest import N_MANY, ray_processes, untrained_checkpoint
 
 from raycv.cli import main
 from raycv.config import load_config
@@ -64,7 +64,7 @@ def test_killed_driver_then_resume_completes_without_duplicates(many_images, tmp
     out = tmp_path / "out"
     args = [sys.executable, "-m", "raycv.cli", "infer", "--checkpoint", str(ckpt), "--input", str(images),
             "--output", str(out), "infer.batch_size=16"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH")}  # a user's shell
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 180
     while not list(out.glob("_tmp-*/*.parquet")) and not ray_processes("ClassificationPredictor", proc.pid):
@@ -80,6 +80,9 @@ def test_killed_driver_then_resume_completes_without_duplicates(many_images, tmp
 
     r = subprocess.run([*args, "infer.mode=resume"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    # Quiet: raycv's progress lines only (Ray's token-auth warning and its core worker's error-level
+    # line about actor constructor arguments stay in Ray's log folder)
+    assert r.stderr and all(ln.startswith("infer: ") for ln in r.stderr.splitlines()), r.stderr[-2000:]
     table = read_output(str(out))
     paths = table.column("path").to_pylist()
     assert len(paths) == len(set(paths)) == N_IMAGES and set(paths) == _all_inputs(images)
@@ -196,3 +199,103 @@ def test_gpu_or_custom_resources_the_cluster_lacks_are_refused(ray_session, many
         assert message in err[0] and "no autoscaler that could add them" in err[0], err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
     assert not runs.exists() or not any(runs.iterdir())  # the refused training left no run directory
+
+
+# -- outputs raycv did not write: refused before Ray starts, nothing touched --------------------------
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fails the test if the command gets as far as starting or joining Ray."""
+    from raycv import runtime
+
+    monkeypatch.setattr(runtime, "connect", lambda *a, **k: pytest.fail("Ray was started"))
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_a_manifest_naming_files_outside_the_output_is_refused(no_ray, image_tree, tmp_path, capsys):
+    ckpt = untrained_checkpoint(tmp_path / "ckpt", classes=2)
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("mine")
+    (out / "_raycv_manifest.json").write_text(json.dumps({"complete": True, "files": ["../victim.txt"], "rows": 1,
+                                                          "errors": 0}))
+    for argv in (["infer", "--checkpoint", str(ckpt), "--input", str(image_tree / "val"), "--output", str(out),
+                  "infer.mode=overwrite"],
+                 ["evaluate", "--predictions", str(out)],
+                 ["draw", "--predictions", str(out), "--output", str(tmp_path / "drawn")]):
+        assert main(argv) == 2
+        assert "is not a raycv manifest: it lists '../victim.txt'" in _one_line(capsys)
+    assert victim.read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["_raycv_manifest.json"]
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "resume"])
+def test_an_output_holding_files_raycv_did_not_write_is_refused(no_ray, image_tree, tmp_path, capsys, mode):
+    ckpt = untrained_checkpoint(tmp_path / "ckpt", classes=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"x": [1, 2]}), out / "mine.parquet")
+    assert main(["infer", "--checkpoint", str(ckpt), "--input", str(image_tree / "val"), "--output", str(out),
+                 f"infer.mode={mode}"]) == 2
+    assert "holds 'mine.parquet', which raycv did not write; nothing was changed" in _one_line(capsys)
+    assert [p.name for p in out.iterdir()] == ["mine.parquet"] and pq.read_table(out / "mine.parquet").num_rows == 2
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "around"])
+def test_an_output_overlapping_the_input_is_refused(no_ray, image_tree, tmp_path, capsys, where):
+    ckpt = untrained_checkpoint(tmp_path / "ckpt", classes=2)
+    inp = image_tree / "val"
+    out = {"same": inp, "inside": inp / "preds", "around": image_tree}[where]
+    before = sorted(p.relative_to(image_tree) for p in image_tree.rglob("*"))
+    assert main(["infer", "--checkpoint", str(ckpt), "--input", str(inp), "--output", str(out),
+                 "infer.mode=overwrite"]) == 2
+    assert f"--output {out} overlaps --input {inp}" in _one_line(capsys)
+    assert sorted(p.relative_to(image_tree) for p in image_tree.rglob("*")) == before
+
+
+def _crafted(meta: dict, case: str):
+    if case == "a list":
+        return []
+    if case == "kwargs as a list":
+        meta["model"]["kwargs"] = [1, 2]
+    elif case == "a huge input size":
+        meta["preprocess"]["input_size"] = meta["preprocess"]["resize_size"] = 10_000_000
+    elif case == "an input size the model cannot take":
+        meta["preprocess"]["input_size"] = meta["preprocess"]["resize_size"] = 28  # built for 32: fc1 mismatch
+    elif case == "kwargs the model refuses":
+        meta["model"]["kwargs"] = {"input_size": 30}
+    elif case == "no classes":
+        meta["classes"] = []
+    return meta
+
+
+@pytest.mark.parametrize("case, message", [
+    ("a list", "raycv.json: the file: Input should be a valid dictionary"),
+    ("kwargs as a list", "raycv.json: model.kwargs: Input should be a valid dictionary"),
+    ("a huge input size", "raycv.json: preprocess.input_size: Input should be less than or equal to 4096"),
+    ("an input size the model cannot take", "'simple_cnn' cannot run on its preprocess (input_size=28)"),
+    ("kwargs the model refuses", "cannot build 'simple_cnn' from its raycv.json: simple_cnn needs an input size"),
+    ("no classes", "raycv.json: classes: List should have at least 1 item"),
+])
+def test_a_crafted_checkpoint_is_one_line(no_ray, image_tree, tmp_path, capsys, case, message):
+    ckpt = untrained_checkpoint(tmp_path / "ckpt", model="simple_cnn", classes=2)
+    meta = json.loads((ckpt / "raycv.json").read_text())
+    (ckpt / "raycv.json").write_text(json.dumps(_crafted(meta, case)))
+    assert main(["infer", "--checkpoint", str(ckpt), "--input", str(image_tree / "val"),
+                 "--output", str(tmp_path / "out")]) == 2
+    assert message in _one_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_summary_is_one_line(no_ray, image_tree, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text("{not json")
+    assert main(["infer", "--checkpoint", str(run), "--input", str(image_tree / "val"),
+                 "--output", str(tmp_path / "out")]) == 2
+    assert "not a raycv run directory" in _one_line(capsys)

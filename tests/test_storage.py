@@ -64,11 +64,13 @@ def test_train_resume_and_infer_on_object_storage(s3, image_tree, tmp_path):
     pafs.copy_files(str(image_tree), "raycv/data/tree", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     common = ["data.name=image_folder", "data.root=s3://raycv/data/tree", "scaling.num_workers=1",
               "run.storage_path=s3://raycv/runs", "run.name=s3run", "data.batch_size=8"]
-    first, resumed, inferred = _cli_session(
+    first, resumed, inferred, evaluated, drawn = _cli_session(
         env, tmp_path, ["train", *common, "train.epochs=1"],
         ["train", *common, "train.epochs=2"],  # the same run.name resumes from storage
         ["infer", "--checkpoint", "s3://raycv/runs/s3run", "--input", "s3://raycv/data/tree/val",
-         "--output", "s3://raycv/preds"])
+         "--output", "s3://raycv/preds"],
+        ["evaluate", "--predictions", "s3://raycv/preds", "--output", "s3://raycv/eval"],
+        ["draw", "--predictions", "s3://raycv/preds", "--output", "s3://raycv/drawn", "--limit", "3"])
     assert "run directory:   s3://raycv/runs/s3run" in first["stdout"] and not (tmp_path / "runs").exists()
     assert ", 1 epochs," in first["stdout"]  # the first run's `done:` line; summary.json is the resumed run's now
     summary = json.loads(_read(fs, "raycv/runs/s3run/summary.json"))
@@ -89,10 +91,19 @@ def test_train_resume_and_infer_on_object_storage(s3, image_tree, tmp_path):
         f"s3://raycv/data/tree/val/{c}/{i}.{'png' if i % 2 else 'jpg'}" for c in ("cat", "dog") for i in range(4))
     assert table.schema.metadata[b"raycv.checkpoint"].decode().startswith("s3://raycv/runs/s3run/checkpoint_epoch_")
 
+    # evaluate and draw write to the object store too, not to a local folder named "s3:"
+    report = json.loads(_read(fs, "raycv/eval/metrics.json"))
+    assert report["scored"] == 8 and json.loads(evaluated["stdout"].splitlines()[0])["top1"] == report["top1"]
+    with fs.open_input_stream("raycv/eval/confusion_matrix.png") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    pngs = [i for i in fs.get_file_info(pafs.FileSelector("raycv/drawn")) if i.base_name.endswith(".png")]
+    assert len(pngs) == 3 and all(i.size > 1000 for i in pngs) and "drew 3 image(s)" in drawn["stdout"]
+    assert not list(tmp_path.glob("s3*"))
+
     # The keys were in every process's environment; none of them may be written down.
     for info in fs.get_file_info(pafs.FileSelector("raycv", recursive=True)):
         if info.type == pafs.FileType.File and not info.path.startswith("raycv/data/"):
             with fs.open_input_stream(info.path) as f:
                 blob = f.read()
             assert SECRET.encode() not in blob and KEY_ID.encode() not in blob, info.path
-    assert all(SECRET not in res["stdout"] + res["stderr"] for res in (first, resumed, inferred))
+    assert all(SECRET not in res["stdout"] + res["stderr"] for res in (first, resumed, inferred, evaluated, drawn))

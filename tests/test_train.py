@@ -1,5 +1,6 @@
 """Training end to end on a real local Ray instance: 2 DDP workers (gloo), real files, resume."""
 
+import io
 import json
 from pathlib import Path
 
@@ -26,6 +27,14 @@ def test_two_workers_train_checkpoint_and_resume(digits_run):
     assert [r["epoch"] for r in log] == [1, 2]
     assert all(r["val_count"] == 359 for r in log)  # every validation image counted exactly once over 2 ranks
     assert s.epochs == 2 and s.val_accuracy > 0.5  # 2 epochs of digits: well above chance (0.1)
+    from conftest import SECRET_IN_URI
+
+    written = [f for f in run_dir.rglob("*") if f.is_file()]
+    assert (run_dir / "config.yaml").read_text().count("s3://***@bucket/unused?X-Amz-Signature=***") == 1
+    assert not [f for f in written if SECRET_IN_URI.encode() in f.read_bytes()]  # config, raycv.json, summary, events
+    assert not any(SECRET_IN_URI in line for line in printed)
+    p = digits_run.progress  # what the driver's live line read: the last epoch, counted over both ranks
+    assert (p["epoch"], p["epochs"], p["total"]) == (2, 2, 1438) and 0 < p["images"] <= 1438
 
     # The checkpoint: tensors only, self-describing, loadable without raycv's training code.
     best = Path(s.best_checkpoint)
@@ -158,3 +167,38 @@ def test_elastic_streaming_run_starts_with_what_the_cluster_holds(ray_session, t
     log = _epochs(tmp_path / "elastic")
     assert s.epochs == 1 and log[0]["val_count"] == 359
     assert 1 <= len(log[0]["worker_nodes"]) <= 2  # ranks that ran: fewer than the 3 asked for
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stream", [io.StringIO, _Terminal], ids=["log", "terminal"])
+def test_the_driver_shows_epoch_lines_and_progress_within_an_epoch(tmp_path, stream):
+    """From rank 0's files: a finished epoch is one line; the running epoch a bar on a terminal,
+    a plain line (every 30 s; here at once) in a log, with images/s and the time left."""
+    from raycv.train.progress import TrainProgress
+
+    done = {"epoch": 1, "epochs": 3, "train_loss": 1.5, "val_loss": 0.9, "val_accuracy": 0.7, "val_top5": 0.99,
+            "images_per_second": 500.0, "train_seconds": 2.0, "val_seconds": 1.0, "time": 100.0}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(done) + "\n")
+    (tmp_path / "progress.json").write_text(json.dumps(
+        {"epoch": 2, "epochs": 3, "images": 500, "total": 1438, "seconds": 1.0, "time": 101.0}))
+    echoed, out = [], stream()
+    watcher = TrainProgress(str(tmp_path), echoed.append, since=50.0, stream=out)
+    watcher.live.log_every_s = 0.0
+    watcher.poll()
+    watcher.live.close()
+    assert len(echoed) == 1 and echoed[0].startswith("epoch   1/3  loss 1.5000  val_loss 0.9000  val_acc 0.7000")
+    text = out.getvalue()
+    if stream is io.StringIO:  # 938 images left at 500 img/s: ~2 s; then one more epoch of 3 s
+        assert text == "epoch 2/3: 500/1,438 images (35%), 500 img/s, epoch left ~2s, run left ~5s\n"
+    else:
+        assert "epoch 2/3" in text and "500/1438" in text and "run left ~5s" in text and "\r" in text
+    # A report older than this run (a resumed run's previous attempt) is not shown.
+    echoed.clear()
+    stale = TrainProgress(str(tmp_path), echoed.append, since=200.0, stream=stream())
+    stale.live.log_every_s = 0.0
+    stale.poll()
+    assert echoed == [] and stale.live.stream.getvalue() == ""

@@ -34,29 +34,40 @@ def normalize(path: str) -> str:
     return with_scheme(fs, p, path)
 
 
+def exists(path: str) -> bool:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
 def is_dir(path: str) -> bool:
     fs, p = resolve(path)
     return fs.get_file_info(p).type == pafs.FileType.Directory
 
 
 def list_files(root: str, extensions: tuple[str, ...] | None = None) -> list[str]:
-    """Every file under `root`, recursively, sorted; hidden files and folders are skipped."""
+    """Every file under `root`, recursively, sorted; hidden (`.`) and `_` files and folders are
+    skipped. Locally, as `find` does by default, symlinked folders are not followed (a link out of
+    the root or a loop back into it adds nothing); a symlinked file is listed."""
     fs, base = resolve(root)
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound:
         raise UserError(f"path does not exist: {root}")
     if info.type == pafs.FileType.File:
         return [with_scheme(fs, base, root)]
-    out = []
-    for f in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
-        if f.type != pafs.FileType.File:
-            continue
-        rel = f.path[len(base):].lstrip("/")
-        if any(part.startswith(".") or part.startswith("_") for part in rel.split("/")):
-            continue
-        if extensions is None or f.path.lower().endswith(extensions):
-            out.append(with_scheme(fs, f.path, root))
-    return sorted(out)
+    if isinstance(fs, pafs.LocalFileSystem):
+        import os
+
+        found = []
+        for d, dirs, files in os.walk(base, followlinks=False):
+            dirs[:] = [x for x in dirs if not x.startswith((".", "_")) and not os.path.islink(os.path.join(d, x))]
+            found += [os.path.join(d, f) for f in files if not f.startswith((".", "_"))]
+    else:
+        found = []
+        for f in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+            rel = f.path[len(base):].lstrip("/")
+            if f.type == pafs.FileType.File and not any(part.startswith((".", "_")) for part in rel.split("/")):
+                found.append(f.path)
+    return sorted(with_scheme(fs, p, root) for p in found if extensions is None or p.lower().endswith(extensions))
 
 
 def read_bytes(path: str) -> bytes:

@@ -57,11 +57,22 @@ def get_dataset_entry(name: str) -> DatasetEntry:
         raise UserError(f"unknown dataset {name!r} (valid: {', '.join(sorted(_DATASETS))})") from None
 
 
-def build_dataset(cfg: "DataSection") -> DatasetSplits:
+def check_source(cfg: "DataSection") -> DatasetEntry:
+    """The dataset exists and, when it reads the user's files, they are there: checked before Ray
+    starts (a wrong name or path fails in a second, not after a cluster start)."""
+    from raycv.data import io as fsio
+
     entry = get_dataset_entry(cfg.name)
-    if entry.needs_root and not cfg.root:
-        raise UserError(f"dataset {cfg.name!r} needs data.root=PATH (where its files are)")
-    return entry.builder(cfg)
+    if entry.needs_root:
+        if not cfg.root:
+            raise UserError(f"dataset {cfg.name!r} needs data.root=PATH (where its files are)")
+        if not fsio.exists(cfg.root):
+            raise UserError(f"data.root does not exist: {cfg.root}")
+    return entry
+
+
+def build_dataset(cfg: "DataSection") -> DatasetSplits:
+    return check_source(cfg).builder(cfg)
 
 
 def list_datasets() -> list[DatasetEntry]:

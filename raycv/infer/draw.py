@@ -6,7 +6,6 @@ written in a corner. Small images are enlarged first so the drawing is legible."
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,12 +21,13 @@ def _enlarge(img: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def draw_predictions(predictions: str, output: str, *, limit: int = 16, alpha: float = 0.5,
-                     score_threshold: float = 0.5) -> list[Path]:
+                     score_threshold: float = 0.5) -> list[str]:
     from PIL import Image
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
     from raycv.data.bundled import voc_palette
     from raycv.data.decode import open_rgb
+    from raycv.data import io as fsio
     from raycv.data.io import read_bytes
 
     table = read_output(predictions)
@@ -37,8 +37,10 @@ def draw_predictions(predictions: str, output: str, *, limit: int = 16, alpha: f
         raise UserError(f"{predictions} has no rows to draw")
     rows = sorted((r for r in table.to_pylist() if r["error"] is None), key=lambda r: r["path"])[:max(0, limit)]
     palette = np.asarray(voc_palette(), dtype=np.uint8).reshape(256, 3)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        fsio.make_dirs(output)
+    except OSError as e:
+        raise UserError(f"cannot write drawings to {output}: {str(e).splitlines()[0]}") from None
     written = []
     for i, row in enumerate(rows):
         try:
@@ -68,7 +70,9 @@ def draw_predictions(predictions: str, output: str, *, limit: int = 16, alpha: f
         img = draw_bounding_boxes(img, torch.tensor([[0, 0, w - 1, min(h - 1, 14)]]), labels=[caption],
                                   colors="white", fill=False, width=0)
         stem = row["path"].replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-        path = out / f"{i:04d}_{stem}.png"
-        Image.fromarray(img.permute(1, 2, 0).numpy()).save(path)
+        path = fsio.join(output, f"{i:04d}_{stem}.png")
+        png = io.BytesIO()
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(png, format="PNG")
+        fsio.write_bytes(path, png.getvalue())
         written.append(path)
     return written

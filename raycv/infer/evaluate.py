@@ -17,11 +17,12 @@ regions are not scored; classes are matched by name.
 
 from __future__ import annotations
 
+import io
 import json
-from pathlib import Path
 
 import numpy as np
 
+from raycv.data import io as fsio
 from raycv.errors import UserError
 from raycv.infer.output import OutputLocation, read_output
 
@@ -69,14 +70,23 @@ def evaluate_predictions(predictions: str, *, labels: str | None = None, output:
         "classes": classes, "confusion_matrix": cm.tolist(), "task": "classification",
     }
     if output:
-        out = Path(output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(report, indent=1))
-        plot_confusion(cm, classes, out / "confusion_matrix.png", title=f"top-1 {report['top1']:.4f}")
+        save_report(output, report, {"confusion_matrix.png": plot_confusion(cm, classes, title=f"top-1 {report['top1']:.4f}")})
     return report
 
 
-def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = "") -> None:
+def save_report(output: str, report: dict, pictures: dict[str, bytes] | None = None) -> None:
+    """metrics.json and the pictures into `output`: a local folder or an object-storage URI."""
+    try:
+        fsio.make_dirs(output)
+        fsio.write_text(fsio.join(output, "metrics.json"), json.dumps(report, indent=1))
+        for name, png in (pictures or {}).items():
+            fsio.write_bytes(fsio.join(output, name), png)
+    except OSError as e:
+        raise UserError(f"cannot write the report to {output}: {str(e).splitlines()[0]}") from None
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], title: str = "") -> bytes:
+    """The confusion matrix as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,8 +106,10 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = 
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
                         color="white" if cm[i, j] > cm.max() / 2 else "black")
     fig.tight_layout()
-    fig.savefig(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    return buf.getvalue()
 
 
 def true_mask_path(path: str, labels: str | None) -> str:
@@ -112,7 +124,6 @@ def true_mask_path(path: str, labels: str | None) -> str:
 
 def evaluate_segmentation(predictions: str, table, classes: list[str], *, labels: str | None = None,
                           output: str | None = None) -> dict:
-    import io
 
     import torch
     from PIL import Image
@@ -157,9 +168,7 @@ def evaluate_segmentation(predictions: str, table, classes: list[str], *, labels
                             zip(classes, per_class.compute().tolist(), pixels)},
               "classes": classes}
     if output:
-        out = Path(output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(report, indent=1))
+        save_report(output, report)
     return report
 
 
@@ -203,6 +212,10 @@ def evaluate_detection(predictions: str, table, *, labels: str | None = None, ou
     import torch
     from torchmetrics.detection import MeanAveragePrecision
 
+    from raycv.tasks import check_extras
+
+    check_extras("detection")
+
     paths = table.column("path").to_pylist()
     classes, truth = _coco_truth(paths, labels)
     index = {c: i for i, c in enumerate(classes)}
@@ -240,7 +253,5 @@ def evaluate_detection(predictions: str, table, *, labels: str | None = None, ou
                                                 "mar_100")},
               "per_class": per_class, "classes": classes}
     if output:
-        out = Path(output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(report, indent=1))
+        save_report(output, report)
     return report

@@ -16,6 +16,7 @@ publishes only after every row is written and counted:
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ from raycv.data.io import resolve, with_scheme
 from raycv.errors import UserError
 
 MANIFEST = "_raycv_manifest.json"
+# The only names raycv writes in an output folder: it reads and deletes nothing else.
+PART = re.compile(r"part-\d{14}-[0-9a-f]{6}-\d{5,}\.parquet")
+TMP = re.compile(r"_tmp-\d{14}-[0-9a-f]{6}")
 
 
 @dataclass
@@ -63,21 +67,50 @@ class OutputLocation:
         return bool(self.fs.get_file_info(pafs.FileSelector(self.path)))
 
     def manifest(self) -> Manifest | None:
+        """The published manifest, or None. One that raycv did not write (not JSON, a file name that
+        is not a part raycv names, such as `../x`) is refused: its names are joined to paths."""
         p = f"{self.path}/{MANIFEST}"
         if self._info(p).type != pafs.FileType.File:
             return None
         with self.fs.open_input_stream(p) as f:
-            d = json.loads(f.read().decode())
-        return Manifest(files=d["files"], rows=d["rows"], errors=d["errors"], runs=d.get("runs", []),
-                        metadata=d.get("metadata", {}))
+            raw = f.read()
+        where = with_scheme(self.fs, p, self.uri)
+        try:
+            d = json.loads(raw.decode())
+            files, rows, errors = d["files"], d["rows"], d["errors"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise UserError(f"{where} is not a raycv manifest (unreadable)") from None
+        if not isinstance(files, list) or not all(isinstance(n, str) and PART.fullmatch(n) for n in files) \
+                or not isinstance(rows, int) or not isinstance(errors, int):
+            bad = next((n for n in files if not (isinstance(n, str) and PART.fullmatch(n))), None) \
+                if isinstance(files, list) else files
+            raise UserError(f"{where} is not a raycv manifest: it lists {bad!r}, not a part file raycv writes")
+        return Manifest(files=files, rows=rows, errors=errors, runs=d.get("runs", []), metadata=d.get("metadata", {}))
+
+    def check(self, mode: str) -> None:
+        """Refuse, touching nothing, an output that `mode` may not write into: an existing one with
+        mode=error, and whatever the mode one that holds anything raycv did not write (raycv deletes
+        only its own `_tmp-<run>` folders and part files)."""
+        if not self.exists():
+            return
+        if mode == "error":
+            raise UserError(f"output {self.uri} already exists; pass infer.mode=overwrite to replace it "
+                            f"or infer.mode=resume to add the inputs it lacks")
+        for f in self.fs.get_file_info(pafs.FileSelector(self.path)):
+            name = f.path.rsplit("/", 1)[-1]
+            ours = (name == MANIFEST and f.type == pafs.FileType.File) or \
+                (PART.fullmatch(name) and f.type == pafs.FileType.File) or \
+                (TMP.fullmatch(name) and f.type == pafs.FileType.Directory)
+            if not ours:
+                raise UserError(f"output {self.uri} holds {name!r}, which raycv did not write; "
+                                f"nothing was changed: choose a new or empty folder for --output")
+        self.manifest()  # a manifest raycv did not write is refused here
 
     def prepare(self, mode: str) -> Manifest | None:
         """Check the mode against what is there; return the manifest to build on (resume)."""
         self.created = self._info(self.path).type == pafs.FileType.NotFound
+        self.check(mode)
         if self.exists():
-            if mode == "error":
-                raise UserError(f"output {self.uri} already exists; pass infer.mode=overwrite to replace it "
-                                f"or infer.mode=resume to add the inputs it lacks")
             current = self.manifest()
             if mode == "resume" and current is None:
                 current = Manifest()  # nothing was published: resume is a fresh run
@@ -91,12 +124,13 @@ class OutputLocation:
         return current if mode == "resume" else None
 
     def _remove_debris(self, current: Manifest | None) -> None:
-        keep = set(current.files if current else []) | {MANIFEST}
+        """A crashed run's temp folders and unlisted part files (`check` proved every name is raycv's)."""
+        keep = set(current.files if current else [])
         for f in self.fs.get_file_info(pafs.FileSelector(self.path)):
             name = f.path.rsplit("/", 1)[-1]
-            if name.startswith("_tmp-") and f.type == pafs.FileType.Directory:
+            if TMP.fullmatch(name) and f.type == pafs.FileType.Directory:
                 self.fs.delete_dir(f.path)
-            elif f.type == pafs.FileType.File and name.endswith(".parquet") and name not in keep:
+            elif f.type == pafs.FileType.File and PART.fullmatch(name) and name not in keep:
                 self.fs.delete_file(f.path)
 
     def done_paths(self, current: Manifest | None) -> set[str]:

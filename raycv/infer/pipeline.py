@@ -14,13 +14,15 @@ import torch
 from raycv import runtime
 from raycv.config import InferConfig
 from raycv.data.decode import decode_batch
+from raycv.data.io import normalize
 from raycv.data.presets import ClassificationEvalPreset, DetectionEvalPreset, SegmentationEvalPreset
 from raycv.errors import UserError, find_storage_error
 from raycv.infer.output import OutputLocation
 from raycv.infer.predictor import PREDICTORS
 from raycv.infer.progress import ProgressLine, RowCounter
 from raycv.infer.schema import file_metadata, output_schema
-from raycv.infer.source import open_input
+from raycv.infer.source import check_input, open_input
+from raycv.redact import redact
 from raycv.train import checkpoint as ckpt
 
 
@@ -108,15 +110,28 @@ def plan_actors(cfg: InferConfig, total_cpus: float, decode_cpus: float, free_cp
     return round(cpus, 3), max(1, int(cpus + 0.5))
 
 
+def check_apart(input_spec: str, output: str) -> None:
+    """--output equal to, inside, or around --input would write over (or delete) the inputs."""
+    if input_spec.startswith("registry:"):
+        return
+    i, o = normalize(input_spec).rstrip("/"), normalize(output).rstrip("/")
+    if i == o or o.startswith(i + "/") or i.startswith(o + "/"):
+        raise UserError(f"--output {output} overlaps --input {input_spec}: write the predictions to a folder "
+                        f"outside the inputs")
+
+
 def run_inference(cfg: InferConfig) -> InferSummary:
     t0 = time.perf_counter()
     if not cfg.infer.output:
         raise UserError("infer.output is required (--output FOLDER or URI)")
+    check_input(cfg)
+    check_apart(cfg.infer.input, cfg.infer.output)
     spec = load_spec(cfg)
     if cfg.infer.embedding and spec.task != "classification":
         raise UserError(f"infer.embedding is for classification models; {spec.name} is a {spec.task} model")
-    runtime.connect(cfg.run.address, verbose=cfg.run.verbose)
     out = OutputLocation(cfg.infer.output)
+    out.check(cfg.infer.mode)  # before Ray starts: an output raycv may not write into is refused untouched
+    runtime.connect(cfg.run.address, verbose=cfg.run.verbose)
     base = out.prepare(cfg.infer.mode)
     try:
         done = out.done_paths(base)
@@ -128,7 +143,7 @@ def run_inference(cfg: InferConfig) -> InferSummary:
         runtime.check_can_hold({k: v * cfg.infer.min_actors for k, v in per_actor.items()},
                                f"inference with infer.min_actors={cfg.infer.min_actors} x {per_actor}",
                                "set infer.use_gpu=false / drop infer.actor_resources, or lower infer.min_actors")
-        metadata = file_metadata(checkpoint=spec.checkpoint, model=spec.name, classes=spec.classes,
+        metadata = file_metadata(checkpoint=spec.checkpoint and redact(spec.checkpoint), model=spec.name, classes=spec.classes,
                                  preprocess=spec.preprocess.to_dict(), task=spec.task)
         embedding_dim = spec.embedding_dim if cfg.infer.embedding else None
         predictor_kwargs = dict(checkpoint=spec.checkpoint, model_name=spec.name, model_kwargs=spec.kwargs,
@@ -175,7 +190,7 @@ def run_inference(cfg: InferConfig) -> InferSummary:
             raise UserError(f"{errors} of {rows} inputs failed to decode ({errors / rows:.1%}), above "
                             f"infer.max_error_fraction={cfg.infer.max_error_fraction}; output not published")
         out.publish(cfg.infer.mode, base, rows=rows, errors=errors,
-                    metadata={"checkpoint": spec.checkpoint, "model": spec.name, "classes": spec.classes,
+                    metadata={"checkpoint": spec.checkpoint and redact(spec.checkpoint), "model": spec.name, "classes": spec.classes,
                               "task": spec.task})
     except BaseException:
         out.abandon()

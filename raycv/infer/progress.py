@@ -1,8 +1,8 @@
 """Inference progress on the driver: rows done, rows/s and time left.
 
 Predictor actors add the rows of each finished batch to a tiny counter actor (no CPUs, fire and
-forget); a driver thread polls it. Ray Data's own bars depend on the terminal and on optional
-packages; this line is always there.
+forget); a driver thread polls it and shows it through `raycv.progress.Live`. Ray Data's own bars
+stay off unless `run.verbose=true`: they describe Ray's operators, not the job.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import threading
 import time
 
 import ray
+
+from raycv.progress import Live
 
 
 @ray.remote(num_cpus=0)
@@ -27,27 +29,32 @@ class RowCounter:
 
 
 class ProgressLine(threading.Thread):
+    """Polls the row counter and shows it: a bar with rows/s and time left on a terminal, a line
+    every 10 s in a log."""
+
     def __init__(self, counter, total: int, stream=None, every_s: float = 1.0):
         super().__init__(daemon=True)
         self.counter, self.total, self.stop = counter, max(total, 1), threading.Event()
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.every_s = every_s if self.tty else 10.0  # a log line every 10 s when not a terminal
+        self.live = Live(unit="row", stream=stream, log_every_s=10.0)
+        self.every_s = every_s
         self.t0 = time.perf_counter()
 
     def line(self, rows: int) -> str:
         dt = time.perf_counter() - self.t0
         rate = rows / dt if dt > 0 else 0.0
         left = f"~{(self.total - rows) / rate:.0f}s left" if rate > 0 and rows < self.total else ""
-        return f"infer: {rows}/{self.total} rows ({rows / self.total:.0%}), {rate:,.1f} rows/s {left}"
+        return f"infer: {rows}/{self.total} rows ({rows / self.total:.0%}), {rate:,.1f} rows/s {left}".rstrip()
 
-    def show(self) -> None:
+    def show(self, final: bool = False) -> None:
         try:
             rows = ray.get(self.counter.value.remote(), timeout=5)
         except Exception:  # a slow poll is not worth failing the job for
             return
-        self.stream.write(("\r" + self.line(rows) + "   ") if self.tty else self.line(rows) + "\n")
-        self.stream.flush()
+        if final and not self.live.tty:
+            self.live.stream.write(self.line(rows) + "\n")
+            self.live.stream.flush()
+            return
+        self.live.update(n=rows, total=self.total, desc="infer", line=self.line(rows))
 
     def run(self) -> None:
         while not self.stop.wait(self.every_s):
@@ -56,6 +63,5 @@ class ProgressLine(threading.Thread):
     def finish(self) -> None:
         self.stop.set()
         self.join()
-        self.show()
-        if self.tty:
-            self.stream.write("\n")
+        self.show(final=True)
+        self.live.close()

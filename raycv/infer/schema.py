@@ -1,4 +1,4 @@
-"""The output schemas (shared/ARCHITECTURE.md) and their file metadata. Every task's rows have
+"""The output schemas (docs/outputs.md, docs/architecture.md) and their file metadata. Every task's rows have
 `path` and `error` (null when the row succeeded)."""
 
 from __future__ import annotations

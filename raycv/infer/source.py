@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import ray.data
 
 from raycv.config import InferConfig
-from raycv.data import build_dataset
+from raycv.data import build_dataset, check_source
 from raycv.data.sources import num_blocks, read_parquet_rows
-from raycv.data.io import IMAGE_EXTENSIONS, is_dir, list_files, resolve
+from raycv.data.io import IMAGE_EXTENSIONS, exists, is_dir, list_files, resolve
 from raycv.errors import UserError
 
 
@@ -27,15 +27,33 @@ def _drop_done(batch: dict, *, done: frozenset) -> dict:
     return {k: v[keep] for k, v in batch.items()}
 
 
-def open_input(cfg: InferConfig, done: set[str]) -> InputRows:
+def _registry_split(spec: str) -> tuple[str, str]:
+    """`registry:<dataset>[:train|val]` -> (dataset, split)."""
+    _, name, *rest = spec.split(":")
+    split = rest[0] if rest else "val"
+    if split not in ("train", "val") or len(rest) > 1:
+        raise UserError(f"registry input split must be train or val, got {':'.join(rest)!r} in {spec}")
+    return name, split
+
+
+def check_input(cfg: InferConfig) -> None:
+    """The input exists (a path or URI, or a registered dataset whose files are there): checked
+    before Ray starts."""
     spec = cfg.infer.input
     if spec is None:
         raise UserError("infer.input is required (--input FOLDER | PARQUET | registry:<dataset>[:train|val])")
     if spec.startswith("registry:"):
-        _, name, *rest = spec.split(":")
-        split = rest[0] if rest else "val"
-        if split not in ("train", "val"):
-            raise UserError(f"registry input split must be train or val, got {split!r}")
+        name, _ = _registry_split(spec)
+        check_source(cfg.data.model_copy(update={"name": name}))
+    elif not exists(spec):
+        raise UserError(f"infer.input does not exist: {spec}")
+
+
+def open_input(cfg: InferConfig, done: set[str]) -> InputRows:
+    check_input(cfg)
+    spec = cfg.infer.input
+    if spec.startswith("registry:"):
+        name, split = _registry_split(spec)
         splits = build_dataset(cfg.data.model_copy(update={"name": name}))
         ds = splits.val if split == "val" else splits.train
         ds = ds.drop_columns([c for c in ("label", "mask_path", "mask_bytes") if c in ds.columns()])

@@ -1,4 +1,4 @@
-"""The checkpoint format (shared/ARCHITECTURE.md): a directory holding
+"""The checkpoint format (docs/outputs.md, docs/architecture.md): a directory holding
 
 - `model.pt`: the model's state_dict, tensors only (`torch.load(..., weights_only=True)`);
 - `raycv.json`: what rebuilds the model and its eval preprocessing (task, model name and
@@ -19,9 +19,10 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 import raycv
@@ -53,10 +54,49 @@ class CheckpointInfo:
                 "epoch": self.epoch, "metrics": self.metrics, "config": self.config, "files": files or {}}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "CheckpointInfo":
-        return cls(task=d["task"], model_name=d["model"]["name"], model_kwargs=d["model"].get("kwargs", {}),
-                   classes=list(d["classes"]), preprocess=eval_preset_from_dict(d["preprocess"]),
-                   epoch=int(d["epoch"]), metrics=d.get("metrics", {}), config=d.get("config", {}))
+    def from_json(cls, d: Any) -> "CheckpointInfo":
+        """From a parsed `raycv.json`, validated with bounds (`Meta`): a crafted or damaged file is
+        a ValueError naming the field, never a traceback deeper in."""
+        m = Meta.model_validate(d)
+        return cls(task=m.task, model_name=m.model.name, model_kwargs=m.model.kwargs, classes=m.classes,
+                   preprocess=eval_preset_from_dict(m.preprocess.model_dump(exclude_none=True)), epoch=m.epoch,
+                   metrics=m.metrics, config=m.config)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class _ModelMeta(_Strict):
+    name: str = Field(min_length=1, max_length=200)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class _PresetMeta(_Strict):
+    kind: Literal["classification", "segmentation", "detection"] | None = None
+    input_size: int = Field(ge=8, le=4096)  # the same bounds as data.input_size / resize_size, with room
+    resize_size: int | None = Field(None, ge=8, le=8192)
+    mean: list[float] | None = Field(None, min_length=1, max_length=4)
+    std: list[float] | None = Field(None, min_length=1, max_length=4)
+
+
+class _FileMeta(_Strict):
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Meta(_Strict):
+    """What `raycv.json` must hold."""
+
+    format: Literal["raycv-checkpoint"]
+    task: Literal["classification", "segmentation", "detection"]
+    model: _ModelMeta
+    classes: list[str] = Field(min_length=1, max_length=100_000)
+    preprocess: _PresetMeta
+    epoch: int = Field(ge=0)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, _FileMeta] = Field(default_factory=dict)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -93,19 +133,24 @@ def verify(directory: str | os.PathLike, name: str) -> None:
     (checkpoints written before digests were recorded are not checked)."""
     d = Path(directory)
     try:
-        recorded = json.loads((d / META_FILE).read_text()).get("files", {}).get(name)
+        raw = json.loads((d / META_FILE).read_text())
     except (OSError, ValueError):
         return  # read_info reports a missing or unreadable raycv.json
+    try:
+        recorded = Meta.model_validate(raw).files.get(name)
+    except ValidationError:
+        read_info(d)  # says what is wrong with it, in one line
+        raise
     if not recorded:
         return
     path = d / name
     size = path.stat().st_size if path.is_file() else None
-    expected = recorded["bytes"]
+    expected = recorded.bytes
     if size is None:
         problem = "missing"
     elif size != expected:
         problem = f"{size} bytes, {expected} recorded"
-    elif _sha256(path) != recorded["sha256"]:
+    elif _sha256(path) != recorded.sha256:
         problem = "its SHA-256 differs from the recorded one"
     else:
         return
@@ -153,12 +198,13 @@ def read_info(directory: str | os.PathLike) -> CheckpointInfo:
     if not meta.is_file() or not (d / MODEL_FILE).is_file():
         raise UserError(f"not a raycv checkpoint: {d} lacks {META_FILE} or {MODEL_FILE}")
     try:
-        data = json.loads(meta.read_text())
-        if data.get("format") != "raycv-checkpoint":
-            raise ValueError("format is not raycv-checkpoint")
-        return CheckpointInfo.from_json(data)
+        return CheckpointInfo.from_json(json.loads(meta.read_text()))
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "the file"
+        raise UserError(f"not a raycv checkpoint: {meta}: {where}: {first['msg']}") from None
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"not a raycv checkpoint: {meta} is unreadable ({e})") from None
+        raise UserError(f"not a raycv checkpoint: {meta} is unreadable ({str(e).splitlines()[0]})") from None
 
 
 def load_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -181,9 +227,15 @@ def resolve_checkpoint(path: str) -> str:
         return p
     summary = fsio.read_text(fsio.join(p, "summary.json"))
     if summary is not None:
-        best = json.loads(summary).get("best_checkpoint")
-        if best:
-            return best
+        try:
+            best = json.loads(summary).get("best_checkpoint")
+        except (ValueError, AttributeError):
+            raise UserError(f"not a raycv run directory: {fsio.join(p, 'summary.json')} is unreadable") from None
+        if isinstance(best, str) and best:
+            # the checkpoint of that name inside the folder given (summary.json holds the path redacted
+            # when it carried credentials, and the run may have been moved or copied since)
+            inside = fsio.join(p, best.rstrip("/").rsplit("/", 1)[-1])
+            return inside if fsio.read_text(fsio.join(inside, META_FILE)) is not None else best
     if not fsio.is_dir(p):
         raise UserError(f"checkpoint not found: {path}")
     raise UserError(f"not a raycv checkpoint or run directory: {path} (no {META_FILE} or summary.json)")
@@ -222,10 +274,22 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, CheckpointInfo]
     from raycv.models import get_model
 
     info = read_info(directory)
-    model = get_model(info.model_name, num_classes=len(info.classes), **info.model_kwargs)
+    try:
+        model = get_model(info.model_name, num_classes=len(info.classes), **info.model_kwargs)
+    except (TypeError, ValueError) as e:  # kwargs the constructor refuses
+        raise UserError(f"checkpoint {directory}: cannot build {info.model_name!r} from its {META_FILE}: "
+                        f"{str(e).splitlines()[0]}") from None
     try:
         model.load_state_dict(load_state_dict(local_dir(directory)))
     except RuntimeError as e:
         raise UserError(f"checkpoint {directory} does not fit model {info.model_name!r} with "
                         f"{len(info.classes)} classes: {str(e).splitlines()[0]}") from None
-    return model.eval(), info
+    model.eval()
+    try:  # one input of the recorded size: a preprocess the model cannot take fails here, not in every actor
+        with torch.inference_mode():
+            x = torch.zeros(info.preprocess.shape)
+            model([x]) if info.task == "detection" else model(x[None])
+    except Exception as e:
+        raise UserError(f"checkpoint {directory}: {info.model_name!r} cannot run on its preprocess "
+                        f"(input_size={info.preprocess.input_size}): {str(e).splitlines()[0]}") from None
+    return model, info

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -18,15 +17,17 @@ from ray.train.torch import TorchTrainer
 from raycv import runtime
 from raycv.config import TrainConfig, default_run_name, resolve_storage_path, to_yaml
 from raycv import tasks
-from raycv.data import build_dataset, get_dataset_entry
+from raycv.data import build_dataset, check_source
 from raycv.data import io as fsio
 from raycv.data.decode import decode_batch, decode_boxes, decode_pairs
 from raycv.data.presets import (ClassificationEvalPreset, ClassificationTrainPreset, DetectionEvalPreset,
                                 DetectionTrainPreset, SegmentationEvalPreset, SegmentationTrainPreset)
 from raycv.errors import UserError
 from raycv.models import get_model, get_model_entry
+from raycv.redact import redact, redact_tree
 from raycv.train.tracking import METRICS_LOG
 from raycv.train.entry import ExactValSplit, train_loop
+from raycv.train.progress import TrainProgress
 
 
 @dataclass
@@ -128,48 +129,16 @@ def worker_malloc_env() -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in WORKER_MALLOC_ENV.items()}
 
 
-class _Progress(threading.Thread):
-    """Prints one line per epoch as rank 0 appends it to the metrics log (a few lines: re-read)."""
-
-    def __init__(self, log: str, echo: Callable[[str], None], since: float):
-        super().__init__(daemon=True)
-        self.log, self.echo, self.since, self.stop = log, echo, since, threading.Event()
-        self.printed: set[int] = set()
-        self.every = 0.5 if "://" not in log else 3.0  # object storage: fewer requests
-
-    def run(self) -> None:
-        while not self.stop.wait(self.every):
-            self.poll()
-        self.poll()
-
-    def poll(self) -> None:
-        try:
-            text = fsio.read_text(self.log)
-        except OSError:  # object storage hiccup: try again at the next tick
-            return
-        for line in (text or "").splitlines():
-            try:
-                m = json.loads(line)
-            except json.JSONDecodeError:  # a line being written
-                continue
-            if m["time"] >= self.since and m["epoch"] not in self.printed:
-                self.printed.add(m["epoch"])
-                self.echo(format_epoch(m))
-
-
-def format_epoch(m: dict) -> str:
-    left = (m["epochs"] - m["epoch"]) * (m["train_seconds"] + m.get("val_seconds", 0.0))
-    quality = "  ".join(f"{label} {value:.4f}" for label, value in tasks.shown(m))
-    val_loss = f"val_loss {m['val_loss']:.4f}  " if "val_loss" in m else ""  # detection has none
-    return (f"epoch {m['epoch']:>3}/{m['epochs']}  loss {m['train_loss']:.4f}  {val_loss}"
-            f"{quality}  {m['images_per_second']:,.0f} img/s  left ~{left:.0f}s")
-
-
 def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
-    """Train `cfg` with Ray Train; resume when `run.name` names an existing run."""
+    """Train `cfg` with Ray Train; resume when `run.name` names an existing run. What it echoes and
+    writes has credentials in URIs redacted."""
+    echo = _redacted(echo)
     t_start = time.perf_counter()
-    task = get_dataset_entry(cfg.data.name).task  # unknown model or dataset, or a mismatch: fail before Ray starts
+    task = check_source(cfg.data).task  # unknown model or dataset, missing files, a mismatch: fail before Ray starts
+    if cfg.model.init_from and not fsio.exists(cfg.model.init_from):
+        raise UserError(f"model.init_from does not exist: {cfg.model.init_from}")
     tasks.check_model_fits(task, cfg.model.name, get_model_entry(cfg.model.name).task)
+    tasks.check_extras(task)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
         "checkpoint_metric": tasks.checkpoint_metric(task, cfg.train.checkpoint_metric)})})
     if task == "detection":  # the model's own transform keeps raycv's input squares as they are
@@ -246,7 +215,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
         datasets={"train": train_ds.randomize_block_order(), "val": val_ds},
         dataset_config=ExactValSplit(),
     )
-    progress = _Progress(fsio.join(run_dir, METRICS_LOG), echo, since=time.time())
+    progress = TrainProgress(run_dir, echo, since=time.time())
     resumed_from = _latest_checkpoint_epoch(run_dir)
     progress.start()
     try:
@@ -273,10 +242,14 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
         summary.curves = write_report(run_dir).plot
     except Exception as e:  # a plot is not worth failing a finished run
         echo(f"raycv: could not draw the training curves: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    fsio.write_text(fsio.join(run_dir, "summary.json"), json.dumps(summary.to_json(), indent=1))
+    fsio.write_text(fsio.join(run_dir, "summary.json"), json.dumps(redact_tree(summary.to_json()), indent=1))
     if mlflow_uri:
         _mlflow_artifacts(mlflow_uri, run_dir, echo)
     return summary
+
+
+def _redacted(echo: Callable[[str], None]) -> Callable[[str], None]:
+    return lambda line: echo(redact(line))
 
 
 def _mlflow_tracking_uri(cfg: TrainConfig, echo: Callable[[str], None]) -> str | None:

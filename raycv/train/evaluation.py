@@ -4,7 +4,6 @@ validation set and the ranks combine their sums, so every sample counts once wha
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -12,9 +11,7 @@ import torch.distributed as dist
 from raycv.data.presets import IGNORE_INDEX, ClassificationEvalPreset, DetectionEvalPreset, SegmentationEvalPreset
 from raycv.train.batches import AugmentCollate, BoxCollate, PairCollate, box_targets
 from raycv.train.optim import correct_topk
-
-if TYPE_CHECKING:
-    from raycv.train.worker import Precision
+from raycv.train.precision import Precision
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -16,6 +16,7 @@ from raycv.data import io as fsio
 
 METRICS_LOG = "metrics.jsonl"  # one line per epoch
 STEPS_LOG = "steps.jsonl"  # one line every `train.log_every_steps` optimizer steps
+PROGRESS = "progress.json"  # where the current epoch stands, rewritten every few seconds (the driver shows it)
 TENSORBOARD = "tensorboard"
 MLFLOW_RUN_ID = "mlflow_run_id"  # the MLflow run this run logs to: a resumed run continues it
 
@@ -47,6 +48,21 @@ class RunLogger:
         if tensorboard:
             self._open_tensorboard()
         self.mlflow = open_mlflow(run_dir, **mlflow) if mlflow else None
+        self.progress_every_s = 5.0 if "://" in run_dir else 2.0  # object storage: fewer PUTs
+        self._progress_at, self._progress_epoch = 0.0, None
+
+    def progress(self, *, epoch: int, epochs: int, images: int, total: int, seconds: float) -> None:
+        """Where the epoch stands (`images` of `total`, all ranks): at an epoch's first batch, then
+        at most every few seconds."""
+        if epoch == self._progress_epoch and time.monotonic() - self._progress_at < self.progress_every_s:
+            return
+        self._progress_at, self._progress_epoch = time.monotonic(), epoch
+        record = {"epoch": epoch, "epochs": epochs, "images": images, "total": total, "seconds": seconds,
+                  "time": time.time()}
+        try:
+            fsio.write_text(fsio.join(self.run_dir, PROGRESS), json.dumps(record))
+        except OSError:  # a progress display is not worth failing a training step for
+            pass
 
     def _open_tensorboard(self) -> None:
         try:

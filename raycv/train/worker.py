@@ -26,6 +26,8 @@ from raycv.train import checkpoint as ckpt
 from raycv.train.batches import AugmentCollate, BoxCollate, PairCollate, ShardCache, box_targets
 from raycv.train.evaluation import all_reduce_sum, evaluate, evaluate_detection, evaluate_segmentation
 from raycv.train.optim import build_batch_mix, build_loss, build_optimizer, build_scheduler
+from raycv.train.precision import Precision
+from raycv.redact import redact_tree
 from raycv.train.tracking import RunLogger, flatten
 
 
@@ -37,22 +39,6 @@ def _worker_nodes(rank: int, world: int) -> list[str]:
     nodes: list[Any] = [None] * world
     dist.all_gather_object(nodes, mine)
     return [str(n) for n in nodes]
-
-
-class Precision:
-    """Autocast and the fp16 grad scaler, per `train.amp`; `channels_last` input layout."""
-
-    def __init__(self, amp: str, channels_last: bool, device: torch.device):
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-        self.device_type = device.type
-        self.channels_last = channels_last
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-
-    def autocast(self):
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
-
-    def input(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 def _no_sync(model: torch.nn.Module, skip: bool):
@@ -129,7 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     mlflow = None
     if rank == 0 and config.get("mlflow_tracking_uri"):
         mlflow = dict(tracking_uri=config["mlflow_tracking_uri"], experiment=cfg.run.mlflow_experiment,
-                      run_name=cfg.run.name, params=flatten(config["cfg"]))
+                      run_name=cfg.run.name, params=flatten(redact_tree(config["cfg"])))
     log = RunLogger(run_dir, start_epoch, steps_done=(start_epoch - 1) * steps_per_epoch,
                     every_steps=tc.log_every_steps, tensorboard=tc.tensorboard, mlflow=mlflow) if rank == 0 else None
 
@@ -183,6 +169,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     log.step(epoch=epoch, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
             loss_sum += loss.item() * x.shape[0]
             seen += x.shape[0]
+            if log is not None:
+                log.progress(epoch=epoch, epochs=tc.epochs, images=seen * world, total=rows_per_rank * world,
+                             seconds=time.perf_counter() - t0)
         train_time = time.perf_counter() - t0
         if cache is not None and not cache.ready:
             cache.seal()
@@ -219,7 +208,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             info = ckpt.CheckpointInfo(task=task, model_name=cfg.model.name, model_kwargs=cfg.model.kwargs,
                                        classes=classes, preprocess=eval_preset, epoch=epoch, metrics=metrics,
-                                       config=config["cfg"])
+                                       config=redact_tree(config["cfg"]))
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                      "best": best, "stale": stale}
             if precision.scaler.is_enabled():
