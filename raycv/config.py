@@ -132,6 +132,10 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 class RunSection(_Section):
     storage_path: str = "runs"  # local folder or URI; relative paths are resolved against the cwd
     name: str | None = None  # default: <data>-<model>-<timestamp>; the same name resumes that run
+    # auto: an existing run of this name continues from its latest checkpoint when its task, model,
+    # classes and data are the same (refused otherwise); never: an existing run is set aside
+    # (renamed <name>.set-aside-<time>, nothing deleted) and a fresh one starts
+    resume: Literal["auto", "never"] = "auto"
     address: str | None = None  # Ray cluster address; default: $RAY_ADDRESS, else a new local instance
     verbose: bool = False  # show Ray's own logs
     # MLflow (optional: pip install 'raycv[mlflow]'): a tracking URI turns it on; so does $MLFLOW_TRACKING_URI

@@ -14,6 +14,13 @@ import ray.data
 from raycv.errors import UserError
 
 QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.air")
+FORWARDED_ENV = ("RAYCV_WEIGHTS_HASH",)  # raycv settings its Ray workers and actors must see too
+
+
+def forwarded_env() -> dict[str, str]:
+    """The driver's raycv settings, for a runtime_env: a worker of an instance started earlier (or on
+    another node) would not inherit them."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
 
 
 def connect(address: str | None = None, *, verbose: bool = False) -> None:

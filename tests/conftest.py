@@ -97,6 +97,13 @@ def digits_run(ray_session, tmp_path_factory):
                            checkpoint=copies / Path(summary.best_checkpoint).name)
 
 
+@pytest.fixture
+def stand_in_weights(monkeypatch):
+    """Tests plant freshly initialized weights under torchvision's file names (no download here):
+    their content cannot match the hash in the name. Still loaded tensors-only."""
+    monkeypatch.setenv("RAYCV_WEIGHTS_HASH", "skip")
+
+
 def write_image(path: Path, rng: np.random.Generator, size=(24, 24), color=None, mode="RGB") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)

@@ -65,3 +65,13 @@ def test_the_image_runs_the_ray_that_the_default_install_resolves_to():
     major, minor = map(int, re.search(r"<(\d+)\.(\d+)", ray_dep).groups())
     tag = CLUSTER["docker"]["image"].split(":")[1]
     assert tag.startswith(f"{major}.{minor - 1}."), (tag, ray_dep)
+
+
+def test_every_node_finds_the_mounted_token_whatever_its_home():
+    """The token is mounted at a fixed path and each `ray start` names that path (in a container,
+    ~ need not be the home the file was mounted under)."""
+    prepared = _check(CLUSTER)
+    (token_mount,) = [dst for dst in prepared["file_mounts"] if dst.endswith("auth_token")]
+    for cmd in (*prepared["head_start_ray_commands"], *prepared["worker_start_ray_commands"]):
+        if "ray start" in cmd:
+            assert f"RAY_AUTH_TOKEN_PATH={token_mount} " in cmd and "RAY_AUTH_MODE=token " in cmd, cmd

@@ -121,7 +121,7 @@ def test_augmentation_moves_each_box_with_its_image():
     ("fasterrcnn_mobilenet_v3_large_320_fpn", "roi_heads.box_predictor."),
     ("ssdlite320_mobilenet_v3_large", "head.classification_head."),
 ])
-def test_pretrained_detection_weights_load_with_new_class_layers(arch, swapped_prefix, tmp_path):
+def test_pretrained_detection_weights_load_with_new_class_layers(arch, swapped_prefix, tmp_path, stand_in_weights):
     """torchvision's COCO weights file, as a user with internet would have it in the torch cache
     (made here from a freshly initialized model: nothing is downloaded), loads; with 4 classes
     instead of COCO's 91 only the class-predicting layers are new."""

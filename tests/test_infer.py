@@ -221,7 +221,7 @@ def test_cli_bad_checkpoint_is_one_line(ray_session, tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and "not a raycv checkpoint or run directory" in err[0]
 
 
-def test_pretrained_torchvision_model_by_name(ray_session, digit_folder, tmp_path, monkeypatch):
+def test_pretrained_torchvision_model_by_name(ray_session, digit_folder, tmp_path, monkeypatch, stand_in_weights):
     """No checkpoint: a torchvision model and its weights (here planted in the local torch cache)."""
     from torchvision.models import ResNet18_Weights
 

@@ -1,4 +1,6 @@
+import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,7 +62,7 @@ def test_unknown_and_duplicate_names():
         register_model("simple_cnn")(lambda **kw: nn.Identity())
 
 
-def test_pretrained_weights_from_the_local_torch_cache(tmp_path, monkeypatch):
+def test_pretrained_weights_from_the_local_torch_cache(tmp_path, monkeypatch, stand_in_weights):
     """A user with the weights file in $TORCH_HOME gets them, and a new head for their classes."""
     from torchvision.models import ResNet18_Weights
 
@@ -87,3 +89,69 @@ def test_missing_weights_fail_fast_with_a_clear_error(tmp_path, monkeypatch):
     assert time.monotonic() - t0 < 30
     with pytest.raises(UserError, match="has no weights 'IMAGENET9K'"):
         get_model("resnet18", num_classes=5, weights="IMAGENET9K")
+
+
+class _Planted:
+    """Unpickling this creates a file: proof that code from a weights file ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def _plant(tmp_path, monkeypatch, url: str, payload) -> tuple[Path, Path]:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    target = tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, target)
+    return target, tmp_path / "pwned"
+
+
+@pytest.mark.parametrize("hash_check", ["verify", "skip"])
+def test_a_weights_file_with_code_is_refused_and_nothing_runs(tmp_path, monkeypatch, hash_check):
+    """A pickle with a reducer at $TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth: refused by its
+    hash, and with the hash check off still refused by the tensors-only load. The marker proves no code ran."""
+    from torchvision.models import ResNet18_Weights
+
+    monkeypatch.setenv("RAYCV_WEIGHTS_HASH", hash_check)
+    target, marker = _plant(tmp_path, monkeypatch, ResNet18_Weights.IMAGENET1K_V1.url,
+                            {"conv1.weight": _Planted(str(tmp_path / "pwned"))})
+    why = "does not start with f37072fd" if hash_check == "verify" else "not a tensors-only file"
+    with pytest.raises(UserError, match=f"refusing weights file {re.escape(str(target))}: .*{why}"):
+        get_model("resnet18", num_classes=5, weights="IMAGENET1K_V1")
+    assert not marker.exists()
+
+
+def test_backbone_weights_with_code_are_refused_before_torchvision_reads_them(tmp_path, monkeypatch, stand_in_weights):
+    """model.kwargs.weights_backbone: torchvision unpickles that file in full inside its builder;
+    raycv reads it tensors-only first."""
+    from torchvision.models import ResNet50_Weights
+
+    target, marker = _plant(tmp_path, monkeypatch, ResNet50_Weights.IMAGENET1K_V1.url,
+                            {"conv1.weight": _Planted(str(tmp_path / "pwned"))})
+    with pytest.raises(UserError, match=f"refusing weights file {re.escape(str(target))}: not a tensors-only"):
+        get_model("fcos_resnet50_fpn", num_classes=3, weights_backbone="IMAGENET1K_V1")
+    assert not marker.exists()
+    with pytest.raises(UserError, match="weights_backbone='NOPE' is not one of ResNet50_Weights"):
+        get_model("fcos_resnet50_fpn", num_classes=3, weights_backbone="NOPE")
+
+
+def test_the_cli_refuses_planted_weights_before_ray_starts(tmp_path, monkeypatch, capsys):
+    from torchvision.models import ResNet18_Weights
+
+    from raycv import runtime
+    from raycv.cli import main
+
+    monkeypatch.setattr(runtime, "connect", lambda *a, **k: pytest.fail("Ray was started"))
+    target, marker = _plant(tmp_path, monkeypatch, ResNet18_Weights.IMAGENET1K_V1.url,
+                            {"conv1.weight": _Planted(str(tmp_path / "pwned"))})
+    (tmp_path / "in").mkdir()
+    assert main(["infer", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                 "model.name=resnet18", "model.weights=IMAGENET1K_V1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"refusing weights file {target}" in err[0] and not marker.exists()

@@ -299,3 +299,46 @@ def test_an_unreadable_summary_is_one_line(no_ray, image_tree, tmp_path, capsys)
     assert main(["infer", "--checkpoint", str(run), "--input", str(image_tree / "val"),
                  "--output", str(tmp_path / "out")]) == 2
     assert "not a raycv run directory" in _one_line(capsys)
+
+
+def _existing_run(storage: Path, name: str = "r") -> Path:
+    """A run directory as training leaves it: its config.yaml and an epoch-1 checkpoint."""
+    from raycv.config import to_yaml
+
+    run = storage / name
+    (run / "checkpoint_epoch_0001").mkdir(parents=True)
+    (run / "checkpoint_epoch_0001" / "raycv.json").write_text(json.dumps({"epoch": 1}))
+    cfg = load_config("train", None, [f"run.storage_path={storage}", f"run.name={name}"])
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    return run
+
+
+@pytest.mark.parametrize("change, message", [
+    ("model.name=resnet18_cifar", "model.name='simple_cnn' (now 'resnet18_cifar')"),
+    ("data.name=shapes", "data.name='digits' (now 'shapes')"),
+    ("data.seed=7", "data.seed=0 (now 7)"),
+])
+def test_a_rerun_with_another_model_or_data_is_not_resumed(no_ray, tmp_path, capsys, change, message):
+    run = _existing_run(tmp_path)
+    before = (run / "config.yaml").read_text()
+    assert main(["train", f"run.storage_path={tmp_path}", "run.name=r", change]) == 2
+    line = _one_line(capsys)
+    assert f"run r exists with {message}" in line and "run.resume=never" in line
+    assert (run / "config.yaml").read_text() == before  # nothing rewritten
+
+
+def test_resume_never_sets_the_old_run_aside(monkeypatch, tmp_path, capsys):
+    from raycv import runtime
+    from raycv.errors import UserError
+
+    def stop(*a, **k):
+        raise UserError("stopped where Ray would start")
+
+    monkeypatch.setattr(runtime, "connect", stop)
+    run = _existing_run(tmp_path)
+    assert main(["train", f"run.storage_path={tmp_path}", "run.name=r", "model.name=resnet18_cifar",
+                 "run.resume=never"]) == 2
+    (aside,) = tmp_path.glob("r.set-aside-*")
+    assert (aside / "checkpoint_epoch_0001" / "raycv.json").is_file() and not run.exists()
+    out = capsys.readouterr()
+    assert "the existing run was moved to" in out.out and "stopped where Ray would start" in out.err

@@ -123,7 +123,7 @@ def test_augmentation_moves_each_mask_with_its_image():
                                                               hflip=False).augment_pairs(images, masks)[1])
 
 
-def test_pretrained_segmentation_weights_load_with_a_new_classifier(tmp_path):
+def test_pretrained_segmentation_weights_load_with_a_new_classifier(tmp_path, stand_in_weights):
     """torchvision's weights file, as a user with internet would have it in the torch cache (made
     here from a freshly initialized model: nothing is downloaded), loads; with 4 classes instead of
     VOC's 21 the classifier convolutions are replaced and everything else is the file's."""

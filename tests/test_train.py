@@ -54,7 +54,7 @@ def test_two_workers_train_checkpoint_and_resume(digits_run):
 
     # Same run.name, more epochs: continues at epoch 3 from the epoch-2 checkpoint; 1-2 untouched.
     printed = []
-    s2 = fit(load_config("train", None, digits_run.overrides[:2] + ["train.epochs=3", "scaling.num_workers=2"]),
+    s2 = fit(load_config("train", None, digits_run.overrides + ["train.epochs=3"]),
              echo=printed.append)
     assert [line.split()[1] for line in printed if line.startswith("epoch")] == ["3/3"]
     log2 = _epochs(run_dir)

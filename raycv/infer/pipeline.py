@@ -171,7 +171,8 @@ def run_inference(cfg: InferConfig) -> InferSummary:
                 PREDICTORS[spec.task], fn_constructor_kwargs=predictor_kwargs, batch_size=cfg.infer.batch_size,
                 compute=ray.data.ActorPoolStrategy(min_size=cfg.infer.min_actors, max_size=cfg.infer.max_actors),
                 num_cpus=actor_cpus, num_gpus=1 if cfg.infer.use_gpu else 0,
-                **({"resources": dict(cfg.infer.actor_resources)} if cfg.infer.actor_resources else {}))
+                **({"resources": dict(cfg.infer.actor_resources)} if cfg.infer.actor_resources else {}),
+                **({"runtime_env": {"env_vars": env}} if (env := runtime.forwarded_env()) else {}))
             progress.start()
             try:
                 ds.write_parquet(out.tmp_uri, schema=output_schema(spec.task, embedding_dim).with_metadata(metadata),

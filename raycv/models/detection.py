@@ -26,7 +26,7 @@ from torchvision.ops import FeaturePyramidNetwork
 
 from raycv.errors import UserError
 from raycv.models.registry import register_model
-from raycv.models.torchvision_zoo import load_weights_state_dict, resolve_weights
+from raycv.models.torchvision_zoo import load_weights_state_dict, resolve_weights, verify_backbone_weights
 
 # keypoint and mask R-CNN need keypoint / instance-mask targets: not detection as raycv trains it
 ARCHS = [a for a in tvm.list_models(module=tvm.detection) if not a.startswith(("keypointrcnn", "maskrcnn"))]
@@ -78,6 +78,7 @@ def replace_class_layers(model: nn.Module, old: int, num_classes: int) -> nn.Mod
 def _make(arch: str):
     def build(*, num_classes: int, weights: str | None = None, **kwargs) -> nn.Module:
         kwargs.setdefault("weights_backbone", None)
+        verify_backbone_weights(arch, kwargs)
         if weights is None:
             return tvm.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
         w = resolve_weights(arch, weights)

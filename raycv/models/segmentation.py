@@ -17,7 +17,7 @@ from torchvision.models.segmentation.lraspp import LRASPP
 
 from raycv.errors import UserError
 from raycv.models.registry import register_model
-from raycv.models.torchvision_zoo import load_weights_state_dict, resolve_weights
+from raycv.models.torchvision_zoo import load_weights_state_dict, resolve_weights, verify_backbone_weights
 
 
 def replace_classifiers(model: nn.Module, old_classes: int, num_classes: int) -> nn.Module:
@@ -38,6 +38,7 @@ def replace_classifiers(model: nn.Module, old_classes: int, num_classes: int) ->
 def _make(arch: str):
     def build(*, num_classes: int, weights: str | None = None, **kwargs) -> nn.Module:
         kwargs.setdefault("weights_backbone", None)
+        verify_backbone_weights(arch, kwargs)
         if weights is None:
             return tvm.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
         w = resolve_weights(arch, weights)

@@ -8,6 +8,9 @@ replaced by a new one of the right size (fine-tuning).
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 import socket
 from pathlib import Path
 
@@ -19,6 +22,11 @@ from raycv.errors import UserError
 from raycv.models.registry import register_model
 
 DOWNLOAD_TIMEOUT_S = 30.0
+HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.")  # torch.hub's convention: <name>-<sha256 prefix>.<ext>
+# RAYCV_WEIGHTS_HASH=skip: accept a file under torchvision's name whose content is not torchvision's
+# release (a stand-in the tests plant, a re-export of your own). It is still loaded tensors-only. The
+# driver passes it on to raycv's Ray workers and actors (FORWARDED_ENV).
+HASH_ENV = "RAYCV_WEIGHTS_HASH"
 
 
 def resolve_weights(arch: str, weights: str) -> tvm.WeightsEnum:
@@ -33,18 +41,62 @@ def resolve_weights(arch: str, weights: str) -> tvm.WeightsEnum:
 
 
 def load_weights_state_dict(w: tvm.WeightsEnum) -> dict[str, torch.Tensor]:
+    """A torchvision weights file as tensors only. It is found in $TORCH_HOME/hub/checkpoints or
+    downloaded there once; its SHA-256 must start with the hash its name carries (torchvision names
+    files `<arch>-<hash>.pth`; torch checks that only while downloading, raycv every time), and it
+    is loaded with `weights_only=True`: a file that needs anything but tensors is refused, so a
+    planted pickle never runs."""
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    named = HASH_IN_NAME.search(cached.name)
+    if not cached.is_file():
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(w.url, str(cached), named.group(1) if named else None, progress=False)
+        except Exception as e:  # URLError, timeouts, a hash mismatch: all one message
+            raise UserError(
+                f"could not load torchvision weights {w}: not at {cached} and the download failed "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); copy the file there or run "
+                f"with internet access") from None
+        finally:
+            socket.setdefaulttimeout(old)
+    if named and os.environ.get(HASH_ENV, "verify") != "skip" and not _sha256(cached).startswith(named.group(1)):
+        raise UserError(f"refusing weights file {cached}: its SHA-256 does not start with {named.group(1)}, "
+                        f"the hash in its name (a different or damaged file); delete it to download it again")
     try:
-        return w.get_state_dict(progress=False, check_hash=False)
-    except Exception as e:  # URLError, timeouts, a corrupt cache file: all one message
-        raise UserError(
-            f"could not load torchvision weights {w}: not usable at {cached} and the download "
-            f"failed ({type(e).__name__}: {e}); copy the file there or run with internet access"
-        ) from None
-    finally:
-        socket.setdefaulttimeout(old)
+        return torch.load(cached, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"refusing weights file {cached}: not a tensors-only file "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_backbone_weights(arch: str, kwargs: dict) -> None:
+    """`model.kwargs.weights_backbone`: torchvision loads it inside its builder with a full
+    unpickle. Load and check that same file first, tensors-only (`load_weights_state_dict`); a file
+    that passes holds nothing but tensors, so torchvision's read of it runs no code."""
+    value = kwargs.get("weights_backbone")
+    if value is None:
+        return
+    import inspect
+    import typing
+
+    annotation = inspect.signature(tvm.get_model_builder(arch)).parameters["weights_backbone"].annotation
+    enum = next(t for t in typing.get_args(annotation) if isinstance(t, type) and issubclass(t, tvm.WeightsEnum))
+    try:
+        w = enum.verify(value)
+    except (KeyError, ValueError, TypeError):
+        raise UserError(f"model.kwargs.weights_backbone={value!r} is not one of {enum.__name__}: "
+                        f"{', '.join(['DEFAULT', *(m.name for m in enum)])}") from None
+    load_weights_state_dict(w)
 
 
 def last_linear_name(model: nn.Module) -> str:

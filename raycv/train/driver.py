@@ -150,11 +150,12 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
     if cfg.train.amp == "fp16" and not cfg.scaling.use_gpu:
         raise UserError("train.amp=fp16 needs GPUs (scaling.use_gpu=true); on CPU use train.amp=bf16")
     mlflow_uri = _mlflow_tracking_uri(cfg, echo)
-    runtime.connect(cfg.run.address, verbose=cfg.run.verbose)
     storage = resolve_storage_path(cfg.run.storage_path)
     name = cfg.run.name or default_run_name(cfg)
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name, "storage_path": storage})})
     run_dir = fsio.join(storage, name)  # a local folder, a shared mount, or an object-storage URI
+    _check_resume(cfg, run_dir, echo)
+    runtime.connect(cfg.run.address, verbose=cfg.run.verbose)
     budget = runtime.cpu_budget()
     resources, threads = runtime.plan_worker_resources(
         num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
@@ -210,7 +211,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
                                                checkpoint_score_attribute=cfg.train.checkpoint_metric,
                                                checkpoint_score_order=order),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            worker_runtime_env={"env_vars": worker_malloc_env()},
+            worker_runtime_env={"env_vars": {**worker_malloc_env(), **runtime.forwarded_env()}},
         ),
         datasets={"train": train_ds.randomize_block_order(), "val": val_ds},
         dataset_config=ExactValSplit(),
@@ -246,6 +247,38 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
     if mlflow_uri:
         _mlflow_artifacts(mlflow_uri, run_dir, echo)
     return summary
+
+
+# What a resumed run must share with the run it continues: the task (from data.name), the model,
+# the classes and the data (the split, the input size).
+RESUME_KEYS = (("data", "name"), ("data", "root"), ("data", "num_samples"), ("data", "seed"), ("data", "val_fraction"),
+               ("data", "input_size"), ("data", "classes"), ("model", "name"), ("model", "kwargs"))
+
+
+def _check_resume(cfg: TrainConfig, run_dir: str, echo: Callable[[str], None]) -> None:
+    """An existing run with a checkpoint is continued only when compatible; run.resume=never sets
+    it aside first. Checked before Ray starts, before config.yaml is rewritten."""
+    import yaml
+
+    if _latest_checkpoint_epoch(run_dir) == 0:
+        return  # nothing to resume: a fresh start in this folder
+    if cfg.run.resume == "never":
+        aside = f"{run_dir}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}"
+        fs, src = fsio.resolve(run_dir)
+        fs.move(src, fsio.resolve(aside)[1])
+        echo(f"raycv: run.resume=never: the existing run was moved to {aside}")
+        return
+    try:
+        old = yaml.safe_load(fsio.read_text(fsio.join(run_dir, "config.yaml")) or "") or {}
+    except yaml.YAMLError:
+        old = {}
+    new = redact_tree(cfg.model_dump(mode="json"))  # config.yaml holds the redacted form
+    for section, key in RESUME_KEYS:
+        was, now = (old.get(section) or {}).get(key), new[section][key]
+        if was != now:
+            raise UserError(f"run {cfg.run.name} exists with {section}.{key}={was!r} (now {now!r}) and cannot be "
+                            f"resumed with another {section}; choose a new run.name, or pass run.resume=never to "
+                            f"set the old run aside and start fresh")
 
 
 def _redacted(echo: Callable[[str], None]) -> Callable[[str], None]:
