@@ -70,6 +70,17 @@ def list_files(root: str, extensions: tuple[str, ...] | None = None) -> list[str
     return sorted(with_scheme(fs, p, root) for p in found if extensions is None or p.lower().endswith(extensions))
 
 
+def sha256_file(path) -> str:
+    """SHA-256 of a local file, read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def read_bytes(path: str) -> bytes:
     fs, p = resolve(path)
     with fs.open_input_stream(p) as f:

@@ -8,7 +8,6 @@ replaced by a new one of the right size (fine-tuning).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import socket
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from raycv.data.io import sha256_file
 from raycv.errors import UserError
 from raycv.models.registry import register_model
 
@@ -61,7 +61,7 @@ def load_weights_state_dict(w: tvm.WeightsEnum) -> dict[str, torch.Tensor]:
                 f"with internet access") from None
         finally:
             socket.setdefaulttimeout(old)
-    if named and os.environ.get(HASH_ENV, "verify") != "skip" and not _sha256(cached).startswith(named.group(1)):
+    if named and os.environ.get(HASH_ENV, "verify") != "skip" and not sha256_file(cached).startswith(named.group(1)):
         raise UserError(f"refusing weights file {cached}: its SHA-256 does not start with {named.group(1)}, "
                         f"the hash in its name (a different or damaged file); delete it to download it again")
     try:
@@ -69,14 +69,6 @@ def load_weights_state_dict(w: tvm.WeightsEnum) -> dict[str, torch.Tensor]:
     except Exception as e:
         raise UserError(f"refusing weights file {cached}: not a tensors-only file "
                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_backbone_weights(arch: str, kwargs: dict) -> None:

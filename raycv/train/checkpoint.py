@@ -13,7 +13,6 @@ write) is refused by name instead of loading the wrong weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -26,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 import raycv
+from raycv.data.io import sha256_file
 from raycv.data.presets import (ClassificationEvalPreset, DetectionEvalPreset, SegmentationEvalPreset,
                                 eval_preset_from_dict)
 from raycv.errors import UserError
@@ -112,20 +112,12 @@ def write_checkpoint(directory: str | os.PathLike, model: nn.Module, info: Check
     if train_state is not None:
         torch.save(train_state, d / STATE_FILE)
         files.append(STATE_FILE)
-    digests = {name: {"bytes": (d / name).stat().st_size, "sha256": _sha256(d / name)} for name in files}
+    digests = {name: {"bytes": (d / name).stat().st_size, "sha256": sha256_file(d / name)} for name in files}
     # last, and atomically: its presence marks a whole checkpoint, its digests say which files belong to it
     tmp = d / f".{META_FILE}.tmp"
     tmp.write_text(json.dumps(info.to_json(digests), indent=1))
     os.replace(tmp, d / META_FILE)
     return d
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify(directory: str | os.PathLike, name: str) -> None:
@@ -150,7 +142,7 @@ def verify(directory: str | os.PathLike, name: str) -> None:
         problem = "missing"
     elif size != expected:
         problem = f"{size} bytes, {expected} recorded"
-    elif _sha256(path) != recorded.sha256:
+    elif sha256_file(path) != recorded.sha256:
         problem = "its SHA-256 differs from the recorded one"
     else:
         return
