@@ -14,13 +14,25 @@ from raycv.config import load_config
 from raycv.train.driver import fit
 
 
-def _logged(run_dir: Path) -> list[int]:
+def _logged(run_dir: Path) -> list[dict]:
     p = run_dir / "metrics.jsonl"
-    return [json.loads(ln)["epoch"] for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
+    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
+
+
+def _registered(run_dir: Path) -> list[int]:
+    """Epochs whose checkpoints Ray Train's controller has registered (what a restart resumes from)."""
+    p = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(p.read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return [int(r["checkpoint_dir_name"].rsplit("_", 1)[1]) for r in results]
 
 
 @pytest.mark.slow
-def test_sigkilled_worker_restarts_from_the_last_checkpoint(ray_session, tmp_path):
+def test_sigkilled_worker_resumes_from_the_last_checkpoint(ray_session, tmp_path):
+    """A training worker SIGKILLed after the epoch-2 checkpoint is registered: the second attempt starts
+    at the epoch after the last registered checkpoint (not at epoch 1), and every epoch is logged once."""
     cfg = load_config("train", None, [f"run.storage_path={tmp_path}", "run.name=faulty", "train.epochs=4",
                                       "scaling.num_workers=2", "train.max_failures=1"])
     run_dir = tmp_path / "faulty"
@@ -28,16 +40,20 @@ def test_sigkilled_worker_restarts_from_the_last_checkpoint(ray_session, tmp_pat
     thread = threading.Thread(target=lambda: result.update(summary=fit(cfg, echo=lambda line: None)), daemon=True)
     thread.start()
     deadline = time.monotonic() + 240
-    while 2 not in _logged(run_dir):  # epoch 2 is checkpointed: kill during epoch 3
-        assert time.monotonic() < deadline and thread.is_alive(), "training did not reach epoch 2"
+    while 2 not in _registered(run_dir):  # the checkpoint itself, not the log line written before it
+        assert time.monotonic() < deadline and thread.is_alive(), "training did not checkpoint epoch 2"
         time.sleep(0.2)
     victims = ray_processes("RayTrainWorker")
     assert len(victims) == 2
+    last = max(_registered(run_dir))  # what the restart must resume from (2, or 3 if it came in meanwhile)
     os.kill(victims[0].pid, signal.SIGKILL)
+    assert last < 4, "the run finished before the kill"
     thread.join(timeout=300)
     assert not thread.is_alive() and "summary" in result, "the run did not finish after the restart"
     s = result["summary"]
-    assert s.epochs == 4 and _logged(run_dir) == [1, 2, 3, 4]  # each epoch once, none lost, none repeated
+    log = _logged(run_dir)
+    assert s.epochs == 4 and [m["epoch"] for m in log] == [1, 2, 3, 4]  # each epoch once, none lost
+    # the first attempt trained epochs 1..last; the second started at last + 1: a resume, not a restart
+    assert [m["started_at_epoch"] for m in log] == [1] * last + [last + 1] * (4 - last)
     assert not victims[0].is_running()
-    survivors = {p.pid for p in ray_processes("RayTrainWorker")}
-    assert victims[0].pid not in survivors
+    assert victims[0].pid not in {p.pid for p in ray_processes("RayTrainWorker")}

@@ -51,8 +51,15 @@ def test_seed_cnn_flatten_follows_input_size():
 def test_cifar_resnet_is_residual_with_small_stem():
     m = get_model("resnet18_cifar", num_classes=10)
     assert m.conv1.stride == (1, 1) and isinstance(m.maxpool, nn.Identity)
-    assert hasattr(m.layer1[0], "downsample")  # torchvision BasicBlock: identity shortcut
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    # Residual: with the block's own branch silenced (its last batch norm scaled to zero), what
+    # remains is the skip path, relu(x); a plain stack of convolutions would give relu(0) = 0.
+    block = m.layer1[0].eval()
+    with torch.no_grad():
+        block.bn2.weight.zero_()
+        block.bn2.bias.zero_()
+        x = torch.randn(2, 64, 8, 8)
+        assert torch.equal(block(x), torch.relu(x))
 
 
 def test_unknown_and_duplicate_names():

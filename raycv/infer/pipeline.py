@@ -21,7 +21,7 @@ from raycv.infer.output import OutputLocation
 from raycv.infer.predictor import PREDICTORS
 from raycv.infer.progress import ProgressLine, RowCounter
 from raycv.infer.schema import file_metadata, output_schema
-from raycv.infer.source import check_input, open_input
+from raycv.infer.source import check_input, open_input, registry_data
 from raycv.redact import redact
 from raycv.train import checkpoint as ckpt
 
@@ -50,6 +50,7 @@ class ModelSpec:
     checkpoint: str | None
     embedding_dim: int  # input features of the classifier head: the `embedding` column's size (0: none)
     task: str = "classification"
+    data: dict | None = None  # the data section the checkpoint was trained with (its recorded config)
 
 
 def load_spec(cfg: InferConfig) -> ModelSpec:
@@ -57,7 +58,7 @@ def load_spec(cfg: InferConfig) -> ModelSpec:
         directory = ckpt.resolve_checkpoint(cfg.infer.checkpoint)
         model, info = ckpt.load_model(directory)  # fail here, not in the actors: files present, weights fit
         return ModelSpec(info.model_name, info.model_kwargs, info.classes, info.preprocess, None, str(directory),
-                         _head_features(model, info.task), info.task)
+                         _head_features(model, info.task), info.task, (info.config or {}).get("data"))
     if not cfg.model.weights:
         raise UserError("give --checkpoint, or model.name with model.weights (pretrained torchvision weights)")
     from raycv.models import get_model, get_model_entry
@@ -129,13 +130,14 @@ def run_inference(cfg: InferConfig) -> InferSummary:
     spec = load_spec(cfg)
     if cfg.infer.embedding and spec.task != "classification":
         raise UserError(f"infer.embedding is for classification models; {spec.name} is a {spec.task} model")
+    data = registry_data(cfg, spec.data)  # a registry input reproduces the checkpoint's own split
     out = OutputLocation(cfg.infer.output)
     out.check(cfg.infer.mode)  # before Ray starts: an output raycv may not write into is refused untouched
     runtime.connect(cfg.run.address, verbose=cfg.run.verbose)
     base = out.prepare(cfg.infer.mode)
     try:
         done = out.done_paths(base)
-        inputs = open_input(cfg, done)
+        inputs = open_input(cfg, done, data)
         decode_cpus = cfg.data.decode_cpus
         budget = runtime.cpu_budget()
         actor_cpus, threads = plan_actors(cfg, budget.total, decode_cpus, budget.free, budget.largest_node)
@@ -186,7 +188,9 @@ def run_inference(cfg: InferConfig) -> InferSummary:
                 progress.finish()
         rows, errors, paths = out.count_written()
         if rows != inputs.count or len(set(paths)) != rows:
-            raise RuntimeError(f"inference wrote {rows} rows ({len(set(paths))} distinct) for {inputs.count} inputs")
+            raise UserError(f"inference wrote {rows} rows ({len(set(paths))} distinct ids) for {inputs.count} inputs, "
+                            f"so the output would not hold every input exactly once; nothing was published (are "
+                            f"the input's ids unique?)")
         if rows and errors / rows > cfg.infer.max_error_fraction:
             raise UserError(f"{errors} of {rows} inputs failed to decode ({errors / rows:.1%}), above "
                             f"infer.max_error_fraction={cfg.infer.max_error_fraction}; output not published")

@@ -9,11 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray.data
 
-from raycv.config import InferConfig
+from raycv.config import DataSection, InferConfig
 from raycv.data import build_dataset, check_source
 from raycv.data.sources import num_blocks, read_parquet_rows
 from raycv.data.io import IMAGE_EXTENSIONS, exists, is_dir, list_files, resolve
 from raycv.errors import UserError
+from raycv.redact import HIDDEN
 
 
 @dataclass
@@ -49,12 +50,39 @@ def check_input(cfg: InferConfig) -> None:
         raise UserError(f"infer.input does not exist: {spec}")
 
 
-def open_input(cfg: InferConfig, done: set[str]) -> InputRows:
+# What decides which images land in a registry dataset's train and val splits.
+SPLIT_KEYS = ("root", "num_samples", "seed", "val_fraction", "classes")
+
+
+def registry_data(cfg: InferConfig, recorded: dict | None) -> DataSection | None:
+    """The data section a `registry:<dataset>` input is read with, or None for other inputs. With a
+    checkpoint trained on that dataset, the split it recorded (root, size, seed, fraction, classes):
+    read with other settings, "val" would hold images the checkpoint trained on (a 2,000-scene
+    default against a 1,000-scene run: half of the rows scored were training images). A checkpoint
+    that records no split for it is refused rather than guessed at."""
+    if not (cfg.infer.input or "").startswith("registry:"):
+        return None
+    name, _ = _registry_split(cfg.infer.input)
+    data = cfg.data.model_copy(update={"name": name})
+    if recorded is None or recorded.get("name") != name:
+        return data  # torchvision weights, or a checkpoint of another dataset: none of these images was trained on
+    missing = [k for k in SPLIT_KEYS if k not in recorded]
+    if missing:
+        raise UserError(f"the checkpoint records no data.{missing[0]} for {name}, so the split it was validated on "
+                        f"cannot be reproduced; pass the images as a folder or Parquet instead of {cfg.infer.input}")
+    split = {k: recorded[k] for k in SPLIT_KEYS}
+    if HIDDEN in str(split["root"]):  # recorded redacted: the user's own data.root (with its credentials) is the one
+        split["root"] = cfg.data.root
+    return data.model_copy(update=split)
+
+
+def open_input(cfg: InferConfig, done: set[str], data: DataSection | None = None) -> InputRows:
+    """`data`: the section a registry input is read with (`registry_data`)."""
     check_input(cfg)
     spec = cfg.infer.input
     if spec.startswith("registry:"):
         name, split = _registry_split(spec)
-        splits = build_dataset(cfg.data.model_copy(update={"name": name}))
+        splits = build_dataset(data or cfg.data.model_copy(update={"name": name}))
         ds = splits.val if split == "val" else splits.train
         ds = ds.drop_columns([c for c in ("label", "mask_path", "mask_bytes") if c in ds.columns()])
         rows = [r for r in ds.take_all() if r["path"] not in done]

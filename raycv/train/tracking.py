@@ -96,7 +96,7 @@ class RunLogger:
                                     step=int(record["epoch"]))
         if self.writer is not None:
             for key, value in record.items():
-                if _is_number(value) and key not in ("epoch", "epochs", "time"):
+                if _is_number(value) and key not in ("epoch", "epochs", "time", "started_at_epoch"):
                     group = "val" if key.startswith("val_") else "gpu" if key.startswith("gpu_") else "train"
                     self.writer.add_scalar(f"{group}/{key.removeprefix('val_')}", value, self.global_step)
             self.writer.flush()

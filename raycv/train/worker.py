@@ -217,7 +217,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state["ema"] = ema.state_dict()
                 state["model"] = raw.state_dict()
             checkpoint = Checkpoint.from_directory(str(ckpt.write_checkpoint(ckpt.new_checkpoint_dir(), evaluated, info, state)))
-            log.epoch({**metrics, "worker_nodes": nodes, "time": time.time(),
+            log.epoch({**metrics, "worker_nodes": nodes, "time": time.time(), "started_at_epoch": start_epoch,
                        **({"early_stopped": True} if stop else {})})
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
         if stop:  # every rank sees the same all-reduced metrics, so all stop together
