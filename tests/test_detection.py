@@ -178,6 +178,8 @@ def test_fine_tuning_from_a_detection_checkpoint_keeps_all_but_the_class_layers(
      "train.checkpoint_metric=val_loss is not a detection metric (valid: val_map, val_map50)"),
     (["data.name=shapes_detection", "model.name=fcos_small", "data.augment=trivial"],
      "data.augment=trivial is not available for detection"),
+    (["data.name=shapes_detection", "model.name=fcos_small", "data.mean=[0.5,0.5,0.5]"],
+     "data.mean / data.std are not used by detection models"),
 ])
 def test_detection_mistakes_are_refused_in_one_line(args, message, tmp_path, capsys):
     from raycv.cli import main
@@ -234,6 +236,30 @@ def _direct_detections(checkpoint: str, paths: list[Path], side: int) -> dict[st
                        for box, label, score in zip(d["boxes"].tolist(), d["labels"].tolist(), d["scores"].tolist())
                        if label != 0]
     return out
+
+
+def _pycocotools_map(annotations: Path, rows) -> tuple[float, float]:
+    """(mAP@[.5:.95], mAP@.5) of raycv's output rows by pycocotools directly: boxes to [x, y, w, h],
+    class names to the JSON's category ids, file names to its image ids."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(annotations))
+        category = {c["name"]: c["id"] for c in gt.loadCats(gt.getCatIds())}
+        image = {im["file_name"]: im["id"] for im in gt.dataset["images"]}
+        dets = [{"image_id": image[Path(r["path"]).name], "category_id": category[name], "score": score,
+                 "bbox": [x1, y1, x2 - x1, y2 - y1]}
+                for r in rows if r["error"] is None
+                for (x1, y1, x2, y2), name, score in zip(r["boxes"], r["labels"], r["scores"])]
+        ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return float(ev.stats[0]), float(ev.stats[1])
 
 
 @pytest.mark.slow
@@ -302,6 +328,9 @@ def test_detection_trains_infers_evaluates_and_draws(ray_session, tmp_path, caps
     # Validation ran on the 64-px squares; this is at the original sizes, and half of the images are wider,
     # so their objects reach the model at 2/3 of the size it trained on (measured: 0.747 against 0.805).
     assert MAP50_BAR - 0.1 <= report["map_50"] <= best["val_map50"] + 0.05
+    # An independent reference: pycocotools' own COCOeval over the same detections and the same JSON.
+    coco_map, coco_map50 = _pycocotools_map(coco / "annotations" / "instances_val.json", rows.values())
+    assert report["map"] == pytest.approx(coco_map, abs=1e-4) and report["map_50"] == pytest.approx(coco_map50, abs=1e-4)
     assert report["map"] <= report["map_50"] and 0 < report["mar_100"] <= 1
     per_class = json.loads((tmp_path / "eval" / "metrics.json").read_text())["per_class"]
     assert set(per_class) == set(bundled.SHAPE_CLASSES)

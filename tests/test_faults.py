@@ -11,7 +11,7 @@ import pytest
 from conftest import ray_processes
 
 from raycv.config import load_config
-from raycv.train.driver import fit
+from raycv.train.driver import WORKER_MALLOC_ENV, fit
 
 
 def _logged(run_dir: Path) -> list[dict]:
@@ -45,6 +45,8 @@ def test_sigkilled_worker_resumes_from_the_last_checkpoint(ray_session, tmp_path
         time.sleep(0.2)
     victims = ray_processes("RayTrainWorker")
     assert len(victims) == 2
+    for worker in victims:  # live workers run with raycv's malloc settings (Ray Train's worker_runtime_env)
+        assert {k: worker.environ().get(k) for k in WORKER_MALLOC_ENV} == WORKER_MALLOC_ENV
     last = max(_registered(run_dir))  # what the restart must resume from (2, or 3 if it came in meanwhile)
     os.kill(victims[0].pid, signal.SIGKILL)
     assert last < 4, "the run finished before the kill"

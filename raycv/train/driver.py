@@ -69,6 +69,9 @@ def make_presets(cfg: TrainConfig, mean, std, task: str = "classification"):
                                         hflip=cfg.data.hflip, mean=tuple(mean), std=tuple(std)),
                 SegmentationEvalPreset(input_size=size, mean=tuple(mean), std=tuple(std)))
     if task == "detection":  # the model normalizes (torchvision detection models do it themselves)
+        if cfg.data.mean is not None or cfg.data.std is not None:
+            raise UserError("data.mean / data.std are not used by detection models, which normalize with their "
+                            "own: set model.kwargs.image_mean / model.kwargs.image_std instead")
         return (DetectionTrainPreset(input_size=size, resize_size=resize, augment=cfg.data.augment, hflip=cfg.data.hflip),
                 DetectionEvalPreset(input_size=size))
     train = ClassificationTrainPreset(input_size=size, resize_size=resize, augment=cfg.data.augment,
