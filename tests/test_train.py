@@ -61,6 +61,12 @@ def test_two_workers_train_checkpoint_and_resume(digits_run):
     assert [r["epoch"] for r in log2] == [1, 2, 3]
     assert log2[:2] == log  # the first two epochs were not trained again
     assert s2.epochs == 3 and s2.resumed_from_epoch == 2
+    # train.keep_checkpoints=2 over 3 epochs: the latest stays, and no pruned epoch scored better than a kept one
+    kept = {int(d.name.rsplit("_", 1)[1]) for d in run_dir.glob("checkpoint_epoch_*")}
+    score = {r["epoch"]: r["val_accuracy"] for r in log2}
+    assert 3 in kept and len(kept) <= 3 and len(kept - {3}) <= 2
+    assert all(score[k] >= score[p] for k in kept - {3} for p in {1, 2, 3} - kept)
+    assert len(kept) < 3 or score[3] <= min(score[1], score[2])  # three kept only when the latest is not a best one
     assert read_info(Path(s2.latest_checkpoint)).epoch == 3
 
 
