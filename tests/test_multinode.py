@@ -53,5 +53,7 @@ def test_node_removed_mid_inference_every_input_exactly_once(many_images, tmp_pa
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["alive_at_removal"], "inference ended before the node was removed: make the input larger"
     assert out["alive_nodes"] == 3  # head + the two accelerator nodes left
+    assert (out["actors_before"], out["spare_nodes"]) == (2, 1)
+    assert out["restarted_on_spare"], "the lost predictor actor did not come back on the spare node"
     paths = read_output(str(tmp_path / "out")).column("path").to_pylist()
     assert len(paths) == len(set(paths)) == N_MANY and set(paths) == {str(p) for p in images.rglob("*.png")}

@@ -38,31 +38,37 @@ def main(checkpoint: str, images: str, output: str) -> None:
         thread = threading.Thread(target=lambda: result.update(s=run_inference(cfg)), daemon=True)
         thread.start()
 
-        def actor_node():
-            for node in workers:
-                raylet = node.all_processes["raylet"][0].process.pid
-                for p in psutil.Process(raylet).children(recursive=True):
-                    try:
-                        if "ClassificationPredictor" in " ".join(p.cmdline()):
-                            return node
-                    except psutil.Error:
-                        continue
-            return None
+        def hosts_actor(node) -> bool:
+            raylet = node.all_processes["raylet"][0].process.pid
+            for p in psutil.Process(raylet).children(recursive=True):
+                try:
+                    if "ClassificationPredictor" in " ".join(p.cmdline()):
+                        return True
+                except psutil.Error:
+                    continue
+            return False
 
         deadline = time.monotonic() + 120
-        while (victim := actor_node()) is None:
+        while not (hosts := [n for n in workers if hosts_actor(n)]):
             if time.monotonic() > deadline or not thread.is_alive():
                 raise RuntimeError("no predictor actor appeared on a worker node")
             time.sleep(0.2)
         time.sleep(3)  # mid-run: the actors have loaded the model and predicted some batches
+        hosts = [n for n in workers if hosts_actor(n)]
+        victim, spare = hosts[0], [n for n in workers if n not in hosts]
         alive_at_removal = thread.is_alive()
         cluster.remove_node(victim)
+        restarted_on_spare = False  # the lost actor comes back on the accelerator node nobody used
+        while thread.is_alive() and not restarted_on_spare:
+            restarted_on_spare = any(hosts_actor(n) for n in spare)
+            time.sleep(0.1)
         thread.join(timeout=300)
         if "s" not in result:
             raise RuntimeError("inference did not finish after the node was removed")
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         print(json.dumps({"summary": result["s"].to_json(), "alive_at_removal": alive_at_removal,
-                          "alive_nodes": len(nodes)}))
+                          "alive_nodes": len(nodes), "actors_before": len(hosts), "spare_nodes": len(spare),
+                          "restarted_on_spare": restarted_on_spare}))
         ray.shutdown()
     finally:
         cluster.shutdown()
