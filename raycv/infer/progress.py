@@ -7,7 +7,6 @@ stay off unless `run.verbose=true`: they describe Ray's operators, not the job.
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 
