@@ -321,6 +321,16 @@ def test_detection_trains_infers_evaluates_and_draws(ray_session, tmp_path, caps
                            for li, sc, b in mine), (path, label, score, box, mine)
     assert compared >= 2 * len(names)  # at least one confident detection per scene, seen from both sides
 
+    # infer.max_detections=1: each image keeps its single best detection of the full output
+    assert main(["infer", "--checkpoint", str(tmp_path / "det"), "--input", str(coco / "val"),
+                 "--output", str(tmp_path / "top1"), "infer.score_threshold=0.05", "infer.max_detections=1"]) == 0
+    for r in read_output(str(tmp_path / "top1")).to_pylist():
+        full = rows[r["path"]]
+        assert (r["error"] is None) == (full["error"] is None)
+        assert r["error"] is not None or r["label_indices"] == full["label_indices"][:1]
+        if r["error"] is None and full["scores"]:
+            assert r["scores"] == pytest.approx(full["scores"][:1], abs=1e-4)
+
     capsys.readouterr()
     assert main(["evaluate", "--predictions", str(preds), "--output", str(tmp_path / "eval")]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[0])
@@ -329,8 +339,11 @@ def test_detection_trains_infers_evaluates_and_draws(ray_session, tmp_path, caps
     # so their objects reach the model at 2/3 of the size it trained on (measured: 0.747 against 0.805).
     assert MAP50_BAR - 0.1 <= report["map_50"] <= best["val_map50"] + 0.05
     # An independent reference: pycocotools' own COCOeval over the same detections and the same JSON.
+    # torchmetrics converts boxes in float32 (xyxy <-> xywh), this in float64: an IoU right at one of the
+    # ten thresholds can fall either side (measured: 1.8e-4 apart in one run of two); a wrong box format or
+    # class mapping is off by tenths.
     coco_map, coco_map50 = _pycocotools_map(coco / "annotations" / "instances_val.json", rows.values())
-    assert report["map"] == pytest.approx(coco_map, abs=1e-4) and report["map_50"] == pytest.approx(coco_map50, abs=1e-4)
+    assert report["map"] == pytest.approx(coco_map, abs=5e-3) and report["map_50"] == pytest.approx(coco_map50, abs=5e-3)
     assert report["map"] <= report["map_50"] and 0 < report["mar_100"] <= 1
     per_class = json.loads((tmp_path / "eval" / "metrics.json").read_text())["per_class"]
     assert set(per_class) == set(bundled.SHAPE_CLASSES)
