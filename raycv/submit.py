@@ -62,10 +62,9 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def validate_locally(verb: str, config: str | None, overrides: list[str], working_dir: Path) -> str | None:
-    """Load the verb's config as the cluster will, so a wrong key fails before anything is uploaded;
-    -> the config file's path as given. `overrides` are the verb's dotted overrides (the CLI
-    turns its flags into them)."""
+def validate_locally(verb: str, config: str | None, overrides: list[str], working_dir: Path) -> None:
+    """Load the verb's config as the cluster will, so a wrong key fails before anything is uploaded.
+    `overrides` are the verb's dotted overrides (the CLI turns its flags into them)."""
     from raycv.config import load_config
 
     if verb not in JOB_VERBS:
@@ -81,7 +80,6 @@ def validate_locally(verb: str, config: str | None, overrides: list[str], workin
         config = str(resolved)
     if verb in ("train", "infer"):
         load_config(verb, config, overrides)
-    return config
 
 
 def entrypoint(verb: str, args: list[str], working_dir: Path) -> str:

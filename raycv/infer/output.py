@@ -80,11 +80,11 @@ class OutputLocation:
             files, rows, errors = d["files"], d["rows"], d["errors"]
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             raise UserError(f"{where} is not a raycv manifest (unreadable)") from None
-        if not isinstance(files, list) or not all(isinstance(n, str) and PART.fullmatch(n) for n in files) \
-                or not isinstance(rows, int) or not isinstance(errors, int):
-            bad = next((n for n in files if not (isinstance(n, str) and PART.fullmatch(n))), None) \
-                if isinstance(files, list) else files
-            raise UserError(f"{where} is not a raycv manifest: it lists {bad!r}, not a part file raycv writes")
+        if not (isinstance(files, list) and isinstance(rows, int) and isinstance(errors, int)):
+            raise UserError(f"{where} is not a raycv manifest (files, rows or errors of the wrong type)")
+        bad = [n for n in files if not (isinstance(n, str) and PART.fullmatch(n))]
+        if bad:
+            raise UserError(f"{where} is not a raycv manifest: it lists {bad[0]!r}, not a part file raycv writes")
         return Manifest(files=files, rows=rows, errors=errors, runs=d.get("runs", []), metadata=d.get("metadata", {}))
 
     def check(self, mode: str) -> None:

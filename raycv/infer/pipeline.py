@@ -57,6 +57,7 @@ def load_spec(cfg: InferConfig) -> ModelSpec:
     if cfg.infer.checkpoint:
         directory = ckpt.resolve_checkpoint(cfg.infer.checkpoint)
         model, info = ckpt.load_model(directory)  # fail here, not in the actors: files present, weights fit
+        ckpt.check_runs(model, info, directory)
         return ModelSpec(info.model_name, info.model_kwargs, info.classes, info.preprocess, None, str(directory),
                          _head_features(model, info.task), info.task, (info.config or {}).get("data"))
     if not cfg.model.weights:

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from raycv.config import DataSection, InferConfig
-from raycv.data import build_dataset, check_source
+from raycv.data import build_dataset, check_source, get_dataset_entry
 from raycv.data.sources import num_blocks, read_parquet_rows
 from raycv.data.io import IMAGE_EXTENSIONS, exists, is_dir, list_files, resolve
 from raycv.errors import UserError
@@ -44,8 +44,7 @@ def check_input(cfg: InferConfig) -> None:
     if spec is None:
         raise UserError("infer.input is required (--input FOLDER | PARQUET | registry:<dataset>[:train|val])")
     if spec.startswith("registry:"):
-        name, _ = _registry_split(spec)
-        check_source(cfg.data.model_copy(update={"name": name}))
+        get_dataset_entry(_registry_split(spec)[0])  # its files are checked on the section it is read with
     elif not exists(spec):
         raise UserError(f"infer.input does not exist: {spec}")
 
@@ -64,8 +63,9 @@ def registry_data(cfg: InferConfig, recorded: dict | None) -> DataSection | None
         return None
     name, _ = _registry_split(cfg.infer.input)
     data = cfg.data.model_copy(update={"name": name})
-    if recorded is None or recorded.get("name") != name:
-        return data  # torchvision weights, or a checkpoint of another dataset: none of these images was trained on
+    if recorded is None or recorded.get("name") != name:  # torchvision weights, or a checkpoint of another
+        check_source(data)  # dataset: none of these images was trained on
+        return data
     missing = [k for k in SPLIT_KEYS if k not in recorded]
     if missing:
         raise UserError(f"the checkpoint records no data.{missing[0]} for {name}, so the split it was validated on "
@@ -73,12 +73,13 @@ def registry_data(cfg: InferConfig, recorded: dict | None) -> DataSection | None
     split = {k: recorded[k] for k in SPLIT_KEYS}
     if HIDDEN in str(split["root"]):  # recorded redacted: the user's own data.root (with its credentials) is the one
         split["root"] = cfg.data.root
-    return data.model_copy(update=split)
+    data = data.model_copy(update=split)
+    check_source(data)  # the files it will be read from are there
+    return data
 
 
 def open_input(cfg: InferConfig, done: set[str], data: DataSection | None = None) -> InputRows:
-    """`data`: the section a registry input is read with (`registry_data`)."""
-    check_input(cfg)
+    """`data`: the section a registry input is read with (`registry_data`); `check_input` ran before."""
     spec = cfg.infer.input
     if spec.startswith("registry:"):
         name, split = _registry_split(spec)

@@ -54,10 +54,8 @@ class CheckpointInfo:
                 "epoch": self.epoch, "metrics": self.metrics, "config": self.config, "files": files or {}}
 
     @classmethod
-    def from_json(cls, d: Any) -> "CheckpointInfo":
-        """From a parsed `raycv.json`, validated with bounds (`Meta`): a crafted or damaged file is
-        a ValueError naming the field, never a traceback deeper in."""
-        m = Meta.model_validate(d)
+    def from_meta(cls, m: "Meta") -> "CheckpointInfo":
+        """From a validated `raycv.json` (`_read_meta`: bounds checked, a crafted file is one line)."""
         return cls(task=m.task, model_name=m.model.name, model_kwargs=m.model.kwargs, classes=m.classes,
                    preprocess=eval_preset_from_dict(m.preprocess.model_dump(exclude_none=True)), epoch=m.epoch,
                    metrics=m.metrics, config=m.config)
@@ -124,15 +122,9 @@ def verify(directory: str | os.PathLike, name: str) -> None:
     """Refuse a file of the checkpoint whose size or SHA-256 is not what `raycv.json` recorded
     (checkpoints written before digests were recorded are not checked)."""
     d = Path(directory)
-    try:
-        raw = json.loads((d / META_FILE).read_text())
-    except (OSError, ValueError):
-        return  # read_info reports a missing or unreadable raycv.json
-    try:
-        recorded = Meta.model_validate(raw).files.get(name)
-    except ValidationError:
-        read_info(d)  # says what is wrong with it, in one line
-        raise
+    if not (d / META_FILE).is_file():
+        return  # read_info reports a missing raycv.json
+    recorded = _read_meta(d / META_FILE).files.get(name)
     if not recorded:
         return
     path = d / name
@@ -189,14 +181,19 @@ def read_info(directory: str | os.PathLike) -> CheckpointInfo:
     meta = d / META_FILE
     if not meta.is_file() or not (d / MODEL_FILE).is_file():
         raise UserError(f"not a raycv checkpoint: {d} lacks {META_FILE} or {MODEL_FILE}")
+    return CheckpointInfo.from_meta(_read_meta(meta))
+
+
+def _read_meta(path: Path) -> Meta:
+    """`raycv.json`, parsed and validated; a damaged or crafted one is one line naming the field."""
     try:
-        return CheckpointInfo.from_json(json.loads(meta.read_text()))
+        return Meta.model_validate(json.loads(path.read_text()))
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "the file"
-        raise UserError(f"not a raycv checkpoint: {meta}: {where}: {first['msg']}") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"not a raycv checkpoint: {meta} is unreadable ({str(e).splitlines()[0]})") from None
+        raise UserError(f"not a raycv checkpoint: {path}: {where}: {first['msg']}") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"not a raycv checkpoint: {path} is unreadable ({str(e).splitlines()[0]})") from None
 
 
 def load_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -276,12 +273,16 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, CheckpointInfo]
     except RuntimeError as e:
         raise UserError(f"checkpoint {directory} does not fit model {info.model_name!r} with "
                         f"{len(info.classes)} classes: {str(e).splitlines()[0]}") from None
-    model.eval()
-    try:  # one input of the recorded size: a preprocess the model cannot take fails here, not in every actor
+    return model.eval(), info
+
+
+def check_runs(model: nn.Module, info: CheckpointInfo, directory) -> None:
+    """One input of the checkpoint's recorded size through the model: a preprocess the model cannot
+    take fails once, in the driver, before Ray starts (not in every actor)."""
+    try:
         with torch.inference_mode():
             x = torch.zeros(info.preprocess.shape)
             model([x]) if info.task == "detection" else model(x[None])
     except Exception as e:
         raise UserError(f"checkpoint {directory}: {info.model_name!r} cannot run on its preprocess "
                         f"(input_size={info.preprocess.input_size}): {str(e).splitlines()[0]}") from None
-    return model, info

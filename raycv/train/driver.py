@@ -157,7 +157,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
     name = cfg.run.name or default_run_name(cfg)
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name, "storage_path": storage})})
     run_dir = fsio.join(storage, name)  # a local folder, a shared mount, or an object-storage URI
-    _check_resume(cfg, run_dir, echo)
+    resumed_from = _check_resume(cfg, run_dir, echo)
     runtime.connect(cfg.run.address, verbose=cfg.run.verbose)
     budget = runtime.cpu_budget()
     resources, threads = runtime.plan_worker_resources(
@@ -220,7 +220,6 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
         dataset_config=ExactValSplit(),
     )
     progress = TrainProgress(run_dir, echo, since=time.time())
-    resumed_from = _latest_checkpoint_epoch(run_dir)
     progress.start()
     try:
         result = trainer.fit()
@@ -258,19 +257,21 @@ RESUME_KEYS = (("data", "name"), ("data", "root"), ("data", "num_samples"), ("da
                ("data", "input_size"), ("data", "classes"), ("model", "name"), ("model", "kwargs"))
 
 
-def _check_resume(cfg: TrainConfig, run_dir: str, echo: Callable[[str], None]) -> None:
-    """An existing run with a checkpoint is continued only when compatible; run.resume=never sets
-    it aside first. Checked before Ray starts, before config.yaml is rewritten."""
+def _check_resume(cfg: TrainConfig, run_dir: str, echo: Callable[[str], None]) -> int:
+    """-> the epoch this run resumes from (0: a fresh start). An existing run with a checkpoint is
+    continued only when compatible; run.resume=never sets it aside first. Checked before Ray
+    starts, before config.yaml is rewritten."""
     import yaml
 
-    if _latest_checkpoint_epoch(run_dir) == 0:
-        return  # nothing to resume: a fresh start in this folder
+    latest = _latest_checkpoint_epoch(run_dir)
+    if latest == 0:
+        return 0  # nothing to resume: a fresh start in this folder
     if cfg.run.resume == "never":
         aside = f"{run_dir}.set-aside-{time.strftime('%Y%m%d-%H%M%S')}"
         fs, src = fsio.resolve(run_dir)
         fs.move(src, fsio.resolve(aside)[1])
         echo(f"raycv: run.resume=never: the existing run was moved to {aside}")
-        return
+        return 0
     try:
         old = yaml.safe_load(fsio.read_text(fsio.join(run_dir, "config.yaml")) or "") or {}
     except yaml.YAMLError:
@@ -282,6 +283,7 @@ def _check_resume(cfg: TrainConfig, run_dir: str, echo: Callable[[str], None]) -
             raise UserError(f"run {cfg.run.name} exists with {section}.{key}={was!r} (now {now!r}) and cannot be "
                             f"resumed with another {section}; choose a new run.name, or pass run.resume=never to "
                             f"set the old run aside and start fresh")
+    return latest
 
 
 def _redacted(echo: Callable[[str], None]) -> Callable[[str], None]:

@@ -112,10 +112,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             precision.scaler.load_state_dict(state["scaler"])
         start_epoch = int(state["epoch"]) + 1
         best, stale = state.get("best"), int(state.get("stale", 0))
+    recorded_cfg = redact_tree(config["cfg"])  # what checkpoints and MLflow write down: no credentials
     mlflow = None
     if rank == 0 and config.get("mlflow_tracking_uri"):
         mlflow = dict(tracking_uri=config["mlflow_tracking_uri"], experiment=cfg.run.mlflow_experiment,
-                      run_name=cfg.run.name, params=flatten(redact_tree(config["cfg"])))
+                      run_name=cfg.run.name, params=flatten(recorded_cfg))
     log = RunLogger(run_dir, start_epoch, steps_done=(start_epoch - 1) * steps_per_epoch,
                     every_steps=tc.log_every_steps, tensorboard=tc.tensorboard, mlflow=mlflow) if rank == 0 else None
 
@@ -208,7 +209,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             info = ckpt.CheckpointInfo(task=task, model_name=cfg.model.name, model_kwargs=cfg.model.kwargs,
                                        classes=classes, preprocess=eval_preset, epoch=epoch, metrics=metrics,
-                                       config=redact_tree(config["cfg"]))
+                                       config=recorded_cfg)
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                      "best": best, "stale": stale}
             if precision.scaler.is_enabled():
