@@ -87,7 +87,7 @@ class TrainSection(_Section):
     keep_checkpoints: int = Field(2, ge=1)  # best N by checkpoint_metric (the latest is always kept)
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint (-1: forever)
     seed: int = 0
-    deterministic: bool = False  # seeded, deterministic kernels (slower; data order still varies with workers)
+    deterministic: bool = False  # same weights run to run: fixed data split and order, augmentation on the training thread, fixed thread count, deterministic kernels (slower)
     amp: Literal["none", "bf16", "fp16"] = "none"  # autocast: bf16 on CPU or GPU; fp16 (with a grad scaler) on GPU
     channels_last: bool = False  # NHWC memory format for convolutions
     compile: bool = False  # torch.compile the model

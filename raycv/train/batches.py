@@ -54,31 +54,43 @@ class ShardCache:
 
 class AugmentCollate(NumpyBatchCollateFn):
     """Runs in Ray Data's prefetch threads on the worker: random augmentation of a uint8 batch
-    (and, with a ShardCache, keeps the un-augmented batch for later epochs)."""
+    (and, with a ShardCache, keeps the un-augmented batch for later epochs). `defer`: leave the
+    augmentation to `augment`, called on the training thread (train.deterministic: random draws
+    made in prefetch threads would interleave with the training thread's)."""
 
-    def __init__(self, preset: ClassificationTrainPreset | None, cache: ShardCache | None = None):
-        self.preset, self.cache = preset, cache
+    def __init__(self, preset: ClassificationTrainPreset | None, cache: ShardCache | None = None, defer: bool = False):
+        self.preset, self.cache, self.defer = preset, cache, defer
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))  # (B, C, S, S) uint8
         labels = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64))
-        if self.cache is not None:
-            self.cache.add(images, labels)  # kept as decoded: augment_batch and training never modify in place
-        if self.preset is not None:
-            images = self.preset.augment_batch(images)  # (B, C, H, W) uint8
-        return {"image": images, "label": labels}
+        out = {"image": images, "label": labels}
+        return out if self.defer else self.augment(out)
+
+    def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.cache is not None:  # kept as decoded (augment_batch and training never modify in place),
+            self.cache.add(batch["image"], batch["label"])  # deferred: in batch order
+        if self.preset is None:
+            return batch
+        return {**batch, "image": self.preset.augment_batch(batch["image"])}  # (B, C, H, W) uint8
 
 
 class PairCollate(NumpyBatchCollateFn):
     """Segmentation: each image and its class mask through one draw of the random geometry, in
-    Ray Data's prefetch threads on the worker (`preset=None`: validation, as decoded)."""
+    Ray Data's prefetch threads on the worker (`preset=None`: validation, as decoded; `defer`: as
+    AugmentCollate's)."""
 
-    def __init__(self, preset: SegmentationTrainPreset | None):
-        self.preset = preset
+    def __init__(self, preset: SegmentationTrainPreset | None, defer: bool = False):
+        self.preset, self.defer = preset, defer
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))  # (B, C, S, S) uint8
         masks = torch.from_numpy(np.require(batch["mask"], requirements=["C", "W"]))  # (B, S, S) uint8
+        out = {"image": images, "mask": masks}
+        return out if self.defer else self.augment(out)
+
+    def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images, masks = batch["image"], batch["mask"]
         if self.preset is not None:
             images, masks = self.preset.augment_pairs(images, masks)
         return {"image": images, "mask": masks.long()}
@@ -86,20 +98,32 @@ class PairCollate(NumpyBatchCollateFn):
 
 class BoxCollate(NumpyBatchCollateFn):
     """Detection: each image and its boxes through one draw of the random geometry, in Ray Data's
-    prefetch threads (`preset=None`: validation, as decoded). Targets differ in length from image
-    to image, so they travel flat: `boxes` (sum n_i, 4), `labels` (sum n_i,) and `counts` (B,)."""
+    prefetch threads (`preset=None`: validation, as decoded; `defer`: as AugmentCollate's).
+    Targets differ in length from image to image, so they travel flat: `boxes` (sum n_i, 4),
+    `labels` (sum n_i,) and `counts` (B,)."""
 
-    def __init__(self, preset: DetectionTrainPreset | None):
-        self.preset = preset
+    def __init__(self, preset: DetectionTrainPreset | None, defer: bool = False):
+        self.preset, self.defer = preset, defer
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))  # (B, 3, S, S) uint8
         boxes = [torch.from_numpy(np.asarray(b, dtype=np.float32).reshape(-1, 4)) for b in batch["boxes"]]
         labels = [torch.from_numpy(np.asarray(lb, dtype=np.int64).reshape(-1)) for lb in batch["labels"]]
-        if self.preset is not None:
-            images, boxes, labels = self.preset.augment_targets(images, boxes, labels)
-        return {"image": images, "boxes": torch.cat(boxes).reshape(-1, 4), "labels": torch.cat(labels),
-                "counts": torch.tensor([len(b) for b in boxes], dtype=torch.int64)}
+        out = _flat(images, boxes, labels)
+        return out if self.defer else self.augment(out)
+
+    def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.preset is None:
+            return batch
+        counts = batch["counts"].tolist()
+        images, boxes, labels = self.preset.augment_targets(batch["image"], list(batch["boxes"].split(counts)),
+                                                            list(batch["labels"].split(counts)))
+        return _flat(images, boxes, labels)
+
+
+def _flat(images: torch.Tensor, boxes: list[torch.Tensor], labels: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"image": images, "boxes": torch.cat(boxes).reshape(-1, 4), "labels": torch.cat(labels),
+            "counts": torch.tensor([len(b) for b in boxes], dtype=torch.int64)}
 
 
 def box_targets(batch: dict[str, torch.Tensor], device: torch.device) -> list[dict[str, torch.Tensor]]:

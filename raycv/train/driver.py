@@ -11,7 +11,7 @@ from typing import Callable
 
 import ray
 import ray.data
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raycv import runtime
@@ -164,6 +164,8 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
         num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
         gpus_per_worker=cfg.scaling.gpus_per_worker, data_cpus=cfg.scaling.data_cpus, total_cpus=budget.total,
         free_cpus=budget.free, node_cpus=budget.largest_node, min_workers=cfg.scaling.min_workers)
+    if cfg.train.deterministic:  # a float sum depends on how many threads split it: not on the CPUs free today
+        threads = max(1, int(cfg.scaling.cpus_per_worker or 1))
     runtime.check_can_hold({k: v * cfg.scaling.fewest_workers for k, v in resources.items()},
                            f"training with {cfg.scaling.fewest_workers} worker(s) x {resources}",
                            "lower scaling.num_workers or gpus_per_worker, or set scaling.use_gpu=false")
@@ -217,7 +219,8 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
             worker_runtime_env={"env_vars": {**worker_malloc_env(), **runtime.forwarded_env()}},
         ),
         datasets={"train": train_ds.randomize_block_order(), "val": val_ds},
-        dataset_config=ExactValSplit(),
+        dataset_config=ExactValSplit(execution_options=_ingest_options(cfg.train.deterministic),
+                                     fixed_train=_fixed_parts(train_ds, cfg)),
     )
     progress = TrainProgress(run_dir, echo, since=time.time())
     progress.start()
@@ -249,6 +252,25 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
     if mlflow_uri:
         _mlflow_artifacts(mlflow_uri, run_dir, echo)
     return summary
+
+
+def _fixed_parts(ds: ray.data.Dataset, cfg: TrainConfig) -> list | None:
+    """With train.deterministic, a materialized training set in the seed's block order, split into
+    one equal part per worker here (ExactValSplit hands rank i part i)."""
+    from ray.data.dataset import MaterializedDataset
+
+    if not cfg.train.deterministic or cfg.scaling.min_workers or not isinstance(ds, MaterializedDataset):
+        return None
+    return ds.randomize_block_order(seed=cfg.train.seed).split(cfg.scaling.num_workers, equal=True)
+
+
+def _ingest_options(deterministic: bool):
+    """Ray Train's ingest options, with train.deterministic in the order the blocks were planned."""
+    if not deterministic:
+        return None
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return {"train": options}
 
 
 # What a resumed run must share with the run it continues: the task (from data.name), the model,

@@ -29,14 +29,27 @@ class ExactValSplit(DataConfig):
     every sample exactly once, so it is split with equal=False: a validation set already
     materialized in the object store (small sets, `data.cache`) by handing each rank a share of its
     blocks (`Dataset.split`, no tasks), which spares starting a SplitCoordinator actor (a fresh
-    process) for it; a streaming one with `streaming_split(equal=False)`."""
+    process) for it; a streaming one with `streaming_split(equal=False)`.
+
+    `fixed_train` (train.deterministic): the training set already split into one equal part per
+    rank (in the driver: an equal split runs Ray tasks, which would wait for the CPUs the workers
+    hold), so each rank reads the same rows in the same block order every run; a streaming split
+    hands blocks to whichever rank asks first."""
+
+    def __init__(self, *args, fixed_train: list | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fixed_train = fixed_train
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         from ray.data.dataset import MaterializedDataset
 
         out = [{} for _ in range(world_size)]
         for name, ds in datasets.items():
-            if name != "val":
+            if name == "train" and self.fixed_train is not None and len(self.fixed_train) == world_size:
+                for i, part in enumerate(self.fixed_train):
+                    part.context.execution_options = self._resolve_execution_options(name)  # preserve_order
+                    out[i][name] = part.iterator()
+            elif name != "val":
                 for i, it in enumerate(super().configure({name: ds}, world_size, worker_handles, worker_node_ids, **kwargs)):
                     out[i].update(it)
             elif isinstance(ds, MaterializedDataset):

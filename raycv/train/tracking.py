@@ -77,15 +77,19 @@ class RunLogger:
         # purge_step: a resumed run drops events past its checkpoint (written by the attempt that died)
         self.writer = SummaryWriter(self._tb_local, purge_step=self.global_step + 1 if self.global_step else None)
 
-    def step(self, *, epoch: int, loss: float, lr: float) -> None:
+    def step(self, *, epoch: int, loss: float, lr: float, grad_norm: float | None = None) -> None:
+        """One optimizer step; `grad_norm`: the gradient norm before clipping (with clipping on)."""
         self.global_step += 1
         if self.every and self.global_step % self.every == 0:
-            self.steps.add({"epoch": epoch, "step": self.global_step, "loss": loss, "lr": lr, "time": time.time()})
+            norm = {} if grad_norm is None else {"grad_norm": grad_norm}
+            self.steps.add({"epoch": epoch, "step": self.global_step, "loss": loss, "lr": lr, **norm, "time": time.time()})
             if self.writer is not None:
                 self.writer.add_scalar("train/loss_step", loss, self.global_step)
                 self.writer.add_scalar("train/lr", lr, self.global_step)
+                if grad_norm is not None:
+                    self.writer.add_scalar("train/grad_norm", grad_norm, self.global_step)
             if self.mlflow is not None:
-                self.mlflow.log_metrics({"loss_step": loss, "lr_step": lr}, step=self.global_step)
+                self.mlflow.log_metrics({"loss_step": loss, "lr_step": lr, **norm}, step=self.global_step)
 
     def epoch(self, record: dict[str, Any]) -> None:
         self.metrics.add(record)

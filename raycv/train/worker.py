@@ -25,8 +25,9 @@ from raycv.models import get_model
 from raycv.train import checkpoint as ckpt
 from raycv.train.batches import AugmentCollate, BoxCollate, PairCollate, ShardCache, box_targets
 from raycv.train.evaluation import all_reduce_sum, evaluate, evaluate_detection, evaluate_segmentation
-from raycv.train.optim import build_batch_mix, build_loss, build_optimizer, build_scheduler
+from raycv.train.optim import build_optimizer, build_scheduler
 from raycv.train.precision import Precision
+from raycv.train.step import build_stepper
 from raycv.redact import redact_tree
 from raycv.train.tracking import RunLogger, flatten
 
@@ -39,13 +40,6 @@ def _worker_nodes(rank: int, world: int) -> list[str]:
     nodes: list[Any] = [None] * world
     dist.all_gather_object(nodes, mine)
     return [str(n) for n in nodes]
-
-
-def _no_sync(model: torch.nn.Module, skip: bool):
-    """DDP all-reduces gradients on every backward; between accumulation steps it need not."""
-    import contextlib
-
-    return model.no_sync() if skip and hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -82,15 +76,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ckpt.init_from_checkpoint(model, cfg.model.init_from, task)
     if tc.sync_batchnorm and world > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if tc.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = precision.layout(model)
     optimizer = build_optimizer(model, cfg.optim)
     rows_per_rank = config["num_train"] // world  # streaming_split(equal=True) gives each rank this many
     batches_per_epoch = max(1, math.ceil(rows_per_rank / cfg.data.batch_size))
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / tc.grad_accum_steps))
     scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, cfg=tc)
-    loss_fn = None if detection else build_loss(tc, task)  # detection models compute their own losses
-    mix = build_batch_mix(tc, len(classes)) if task == "classification" else None
     ema = None
     if tc.ema_decay:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -122,52 +113,44 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model = ray.train.torch.prepare_model(model)
     raw = ckpt.unwrap(model)
-    step_model = torch.compile(model) if tc.compile else model
+    stepper = build_stepper(model, optimizer, scheduler, cfg=tc, task=task, num_classes=len(classes),
+                            precision=precision, batches_per_epoch=batches_per_epoch, ema=ema, ema_source=raw)
+    loss_fn = stepper.loss_fn
     nodes = _worker_nodes(rank, world)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     cache = ShardCache(cfg.data.worker_cache_mb * 1e6) if config.get("worker_cache") else None
-    collate = (PairCollate(train_preset) if segmentation else BoxCollate(train_preset) if detection
-               else AugmentCollate(train_preset, cache))
+    defer = tc.deterministic  # augmentation on this thread, in batch order (see AugmentCollate)
+    collate = (PairCollate(train_preset, defer) if segmentation else BoxCollate(train_preset, defer) if detection
+               else AugmentCollate(train_preset, cache, defer))
+    augment_here = collate.augment if defer else None
+
+    def shuffle_seed(epoch: int) -> int | None:
+        return tc.seed * 1_000_000 + rank * 1000 + epoch if tc.deterministic else None
+
     order = torch.Generator().manual_seed(tc.seed * 1000 + rank)
     higher_is_better = tc.checkpoint_metric != "val_loss"
 
     for epoch in range(start_epoch, tc.epochs + 1):
         model.train()
         t0 = time.perf_counter()
-        loss_sum, seen, micro = 0.0, 0, 0
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum, seen = 0.0, 0
+        stepper.begin_epoch()
         if cache is not None and cache.ready:
             batches = cache.batches(cfg.data.batch_size, train_preset, order)
         else:
             batches = train_shard.iter_torch_batches(batch_size=cfg.data.batch_size, collate_fn=collate,
                                                      prefetch_batches=2, local_shuffle_buffer_size=4 * cfg.data.batch_size,
-                                                     local_shuffle_seed=None)
+                                                     local_shuffle_seed=shuffle_seed(epoch))
         for batch in batches:
+            if augment_here is not None:
+                batch = augment_here(batch)
             x = train_preset.normalize(batch["image"].to(device))  # (B, C, H, W) float32
             y = box_targets(batch, device) if detection else batch[target].to(device)
-            if mix is not None:
-                x, y = mix(x, y)  # y: (B, num_classes) probabilities
-            micro += 1
-            last = micro % tc.grad_accum_steps == 0 or micro == batches_per_epoch
-            with _no_sync(model, not last), precision.autocast():
-                if detection:  # torchvision detection models: a list of images and targets in, their loss dict out
-                    loss = sum(step_model(list(precision.input(x)), y).values())
-                else:
-                    loss = loss_fn(step_model(precision.input(x)), y)
-            precision.scaler.scale(loss / tc.grad_accum_steps).backward()
-            if last:
-                if tc.grad_clip_norm:
-                    precision.scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip_norm)
-                precision.scaler.step(optimizer)
-                precision.scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                if ema is not None:
-                    ema.update_parameters(raw)
-                if log is not None:
-                    log.step(epoch=epoch, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
+            result = stepper(x, y)
+            loss = result.loss
+            if result.stepped and log is not None:
+                log.step(epoch=epoch, loss=loss.item(), lr=optimizer.param_groups[0]["lr"], grad_norm=result.grad_norm)
             loss_sum += loss.item() * x.shape[0]
             seen += x.shape[0]
             if log is not None:
