@@ -348,13 +348,31 @@ def test_detection_trains_infers_evaluates_and_draws(ray_session, tmp_path, caps
     per_class = json.loads((tmp_path / "eval" / "metrics.json").read_text())["per_class"]
     assert set(per_class) == set(bundled.SHAPE_CLASSES)
 
+    # --labels: another COCO JSON is what the detections are scored against (here the same one
+    # without its circles: pycocotools on that file agrees, and the scores move).
+    trimmed = json.loads((coco / "annotations" / "instances_val.json").read_text())
+    circle = next(c["id"] for c in trimmed["categories"] if c["name"] == "circle")
+    trimmed["annotations"] = [a for a in trimmed["annotations"] if a["category_id"] != circle]
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "no_circles.json").write_text(json.dumps(trimmed))
+    assert main(["evaluate", "--predictions", str(preds), "--labels", str(tmp_path / "elsewhere" / "no_circles.json")]) == 0
+    other = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    other_map, other_map50 = _pycocotools_map(tmp_path / "elsewhere" / "no_circles.json", rows.values())
+    assert other["map"] == pytest.approx(other_map, abs=5e-3) and other["map_50"] == pytest.approx(other_map50, abs=5e-3)
+    assert abs(other["map"] - report["map"]) > 0.02
+
     assert main(["draw", "--predictions", str(preds), "--output", str(tmp_path / "drawn"), "--limit", "2"]) == 0
     drawn = sorted((tmp_path / "drawn").glob("*.png"))
     assert len(drawn) == 2
     first = np.asarray(Image.open(drawn[0]).convert("RGB"))
-    plain = np.asarray(Image.open(coco / "val" / names[0]).convert("RGB"))
+    plain = np.asarray(Image.open(coco / "val" / names[0]).convert("RGB")).repeat(4, 0).repeat(4, 1)
     assert first.shape == (256, 256, 3)  # enlarged 4x to be legible
-    assert (np.abs(first[20:].astype(int) - plain.repeat(4, 0).repeat(4, 1)[20:]).sum(-1) > 60).mean() > 0.01
+    assert (np.abs(first[20:].astype(int) - plain[20:]).sum(-1) > 60).mean() > 0.01
+    # --score-threshold: above every score, no box is drawn (below the caption, the plain image)
+    assert main(["draw", "--predictions", str(preds), "--output", str(tmp_path / "none"), "--limit", "1",
+                 "--score-threshold", "1.01"]) == 0
+    bare = np.asarray(Image.open(next((tmp_path / "none").glob("*.png"))).convert("RGB"))
+    assert np.array_equal(bare[20:], plain[20:])
 
 
 def test_parquet_detection_source_reads_images_boxes_and_label_names(ray_session, tmp_path):

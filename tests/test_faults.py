@@ -1,6 +1,7 @@
 """Fault tolerance on a real local Ray instance: a training worker SIGKILLed mid-run."""
 
 import json
+import math
 import os
 import signal
 import threading
@@ -57,5 +58,13 @@ def test_sigkilled_worker_resumes_from_the_last_checkpoint(ray_session, tmp_path
     assert s.epochs == 4 and [m["epoch"] for m in log] == [1, 2, 3, 4]  # each epoch once, none lost
     # the first attempt trained epochs 1..last; the second started at last + 1: a resume, not a restart
     assert [m["started_at_epoch"] for m in log] == [1] * last + [last + 1] * (4 - last)
+    # TensorBoard: the second attempt's writer tells readers to drop what the dead attempt logged
+    # past the checkpoint (a SessionLog START at the first step after it)
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    steps_per_epoch = math.ceil(log[0]["train_images"] // 2 / cfg.data.batch_size)
+    starts = [ev.step for f in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+              for ev in EventFileLoader(str(f)).Load() if ev.HasField("session_log") and ev.session_log.status == 1]
+    assert starts == [last * steps_per_epoch + 1]
     assert not victims[0].is_running()
     assert victims[0].pid not in {p.pid for p in ray_processes("RayTrainWorker")}

@@ -95,6 +95,30 @@ def test_schema_metadata_and_a_second_reader(ray_session, checkpoint, digit_fold
     assert np.allclose(by_duckdb["score"], ours["score"])
 
 
+def test_readers_skip_a_live_runs_tmp_folder(ray_session, checkpoint, digit_folder, tmp_path):
+    """While a run is writing, its parts sit in <output>/_tmp-<run>/: pandas and DuckDB read the
+    published files only (here a real part file in the folder a new run on this output writes into)."""
+    from raycv.infer.output import OutputLocation
+
+    out = tmp_path / "out"
+    _infer(checkpoint, digit_folder, out)
+    live = Path(OutputLocation(str(out)).tmp_path)
+    live.mkdir()
+    part = sorted(out.glob("part-*.parquet"))[0]
+    (live / part.name.replace("part-", "part-live-")).write_bytes(part.read_bytes())
+    assert len(pd.read_parquet(live)) == pq.read_metadata(part).num_rows  # a readable Parquet file, skipped by name
+    assert len(pd.read_parquet(out)) == 60
+    assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/*.parquet')").fetchall() == [(60,)]
+
+
+def test_rows_per_file_sets_how_many_rows_a_file_holds(ray_session, checkpoint, digit_folder, tmp_path):
+    _infer(checkpoint, digit_folder, tmp_path / "one", "infer.batch_size=16")
+    assert [pq.read_metadata(f).num_rows for f in (tmp_path / "one").glob("*.parquet")] == [60]
+    _infer(checkpoint, digit_folder, tmp_path / "small", "infer.batch_size=16", "infer.rows_per_file=20")
+    counts = sorted(pq.read_metadata(f).num_rows for f in (tmp_path / "small").glob("*.parquet"))
+    assert sum(counts) == 60 and len(counts) >= 2 and all(c >= 20 for c in counts[1:]), counts  # a tail may be short
+
+
 def test_bad_files_become_error_rows(ray_session, checkpoint, digit_folder, tmp_path):
     """(With infer.decode_in_actor=true, so that path's error rows are covered too.)"""
     folder = tmp_path / "mixed"
@@ -197,6 +221,13 @@ def test_evaluate_reports_json_and_png(ray_session, checkpoint, digit_folder, tm
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["top1"] == report["top1"]
     png = Image.open(tmp_path / "eval" / "confusion_matrix.png")
     assert png.size[0] > 200 and len(set(np.asarray(png.convert("L")).flatten().tolist())) > 10
+    # --labels: a Parquet of path + label says what is true (here: every image is a "3")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"path": [r["path"] for r in table], "label": ["3"] * len(table)}), tmp_path / "truth.parquet")
+    other = evaluate_predictions(str(tmp_path / "out"), labels=str(tmp_path / "truth.parquet"))
+    assert other["scored"] == 60 and other["top1"] == pytest.approx(np.mean([r["label"] == "3" for r in table]))
+    assert other["per_class"]["3"]["support"] == 60
 
     # `raycv draw`: the first rows by path, enlarged to be legible, the predicted label written on them.
     from raycv.infer.draw import draw_predictions

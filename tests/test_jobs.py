@@ -162,6 +162,31 @@ def test_job_that_fails_on_the_cluster_exits_nonzero(head, tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+def test_submit_passes_pip_and_the_drivers_resources_to_the_job(head, tmp_path):
+    """--pip, --entrypoint-num-gpus and --entrypoint-resources reach the job as Ray records it. The
+    head has no GPU and no `accel` resource, so the job waits (PENDING) and is stopped: nothing runs."""
+    r = _raycv("submit", "--address", head.address, "--submission-id", "rcv-resources", "--pip", "raycv-test-req==1.0",
+               "--pip", "another-req", "--entrypoint-num-gpus", "1", "--entrypoint-resources", '{"accel": 2}',
+               "--entrypoint-num-cpus", "0.5", "train", "train.epochs=1", f"run.storage_path={tmp_path}",
+               env=head.env, timeout=60)
+    assert r.returncode == 0 and "submitted rcv-resources" in r.stdout, r.stdout + r.stderr
+    try:
+        info = head.client().get_job_info("rcv-resources")
+        pip = info.runtime_env["pip"]
+        assert (pip["packages"] if isinstance(pip, dict) else pip) == ["raycv-test-req==1.0", "another-req"]
+        assert str(info.status.value) == "PENDING"
+        # the job's driver waits in Ray's JobSupervisor actor, which asks for what --entrypoint-* said
+        r = subprocess.run([RAY, "list", "actors", "--address", head.address, "--detail", "--format", "json",
+                            "--filter", "class_name=JobSupervisor"], capture_output=True, text=True, env=head.env,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr[-2000:]
+        wanted = [a["required_resources"] for a in json.loads(r.stdout) if a["state"] != "DEAD"]
+        assert wanted == [{"CPU": 0.5, "GPU": 1.0, "accel": 2.0}], wanted
+    finally:
+        head.client().stop_job("rcv-resources")
+    assert not list(tmp_path.iterdir())  # it never ran
+
+
 def test_bad_config_is_refused_before_submission(head):
     r = _raycv("submit", "--address", head.address, "train", "train.epoch=1", env=head.env, timeout=60)
     lines = r.stderr.strip().splitlines()

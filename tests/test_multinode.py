@@ -1,7 +1,8 @@
 """Several raylets on one host (`ray.cluster_utils.Cluster`): two DDP workers placed STRICT_SPREAD
 land on different nodes, training completes, and the result matches a run on the single-node
-session cluster within tolerance; a node that hosts a predictor actor is removed mid-inference and
-every input is still written exactly once."""
+session cluster within tolerance; a node that hosts a training worker is removed mid-run and the
+run finishes from its last checkpoint with every epoch once; a node that hosts a predictor actor is
+removed mid-inference and every input is still written exactly once."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from raycv.infer.output import read_output
 
 HELPER = Path(__file__).parent / "helpers" / "multinode_train.py"
 NODE_LOSS = Path(__file__).parent / "helpers" / "node_loss_infer.py"
+NODE_LOSS_TRAIN = Path(__file__).parent / "helpers" / "node_loss_train.py"
 COMMON = ["train.epochs=2", "scaling.num_workers=2", "train.seed=3", "run.name=mn"]  # as the digits_run fixture
 
 
@@ -57,3 +59,25 @@ def test_node_removed_mid_inference_every_input_exactly_once(many_images, tmp_pa
     assert out["restarted_on_spare"], "the lost predictor actor did not come back on the spare node"
     paths = read_output(str(tmp_path / "out")).column("path").to_pylist()
     assert len(paths) == len(set(paths)) == N_MANY and set(paths) == {str(p) for p in images.rglob("*.png")}
+
+
+@pytest.mark.slow
+def test_node_removed_mid_training_resumes_from_the_last_checkpoint(tmp_path):
+    """Two 2-CPU workers on three 2-CPU nodes; the node of one of them is removed once the epoch-2
+    checkpoint is registered. Ray Train restarts the group (on the surviving and the spare node)
+    from the last registered checkpoint: every epoch logged once, the later ones trained by the
+    second attempt only, and none of them on the removed node."""
+    r = subprocess.run([sys.executable, str(NODE_LOSS_TRAIN), str(tmp_path), "run.name=nl", "train.epochs=4",
+                        "scaling.num_workers=2", "scaling.cpus_per_worker=2", "train.max_failures=2",
+                        ], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["alive_at_removal"] and out["removed"] not in out["alive_nodes"] and len(out["alive_nodes"]) == 3
+    resumed_at = max(out["registered_at_removal"]) + 1
+    log = [json.loads(ln) for ln in (tmp_path / "nl" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in log] == [1, 2, 3, 4] and out["summary"]["epochs"] == 4
+    assert [m["started_at_epoch"] for m in log] == [1] * (resumed_at - 1) + [resumed_at] * (5 - resumed_at)
+    assert resumed_at <= 4, "the run ended before the node was removed"
+    for m in log[resumed_at - 1:]:  # trained after the removal: two nodes, neither of them the removed one
+        assert len(set(m["worker_nodes"])) == 2 and out["removed"] not in m["worker_nodes"]
+    assert any(out["removed"] in m["worker_nodes"] for m in log[:resumed_at - 1])

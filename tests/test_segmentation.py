@@ -239,6 +239,18 @@ def test_segmentation_trains_infers_evaluates_and_draws(ray_session, tmp_path, c
     per_class = json.loads((tmp_path / "eval" / "metrics.json").read_text())["per_class"]
     assert set(per_class) == set(bundled.SCENE_CLASSES) and per_class["background"]["iou"] > 0.9
 
+    # --labels MASK_FOLDER: <id>.png masks from elsewhere (here every pixel background): the pixel
+    # accuracy is then the share of pixels the output calls background.
+    blank = tmp_path / "blank-masks"
+    blank.mkdir()
+    for s in stems:
+        Image.fromarray(np.zeros((64, 64), np.uint8), mode="L").save(blank / f"{s}.png")
+    assert main(["evaluate", "--predictions", str(preds), "--labels", str(blank)]) == 0
+    other = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    predicted = np.stack([np.asarray(Image.open(__import__("io").BytesIO(r["mask_png"]))) for r in rows.values()
+                          if r["error"] is None])
+    assert other["scored"] == len(stems) and other["pixel_accuracy"] == pytest.approx((predicted == 0).mean(), abs=1e-9)
+
     assert main(["draw", "--predictions", str(preds), "--output", str(tmp_path / "drawn"), "--limit", "3"]) == 0
     drawn = sorted((tmp_path / "drawn").glob("*.png"))
     assert len(drawn) == 3
