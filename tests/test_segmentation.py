@@ -249,7 +249,7 @@ def test_segmentation_trains_infers_evaluates_and_draws(ray_session, tmp_path, c
     other = json.loads(capsys.readouterr().out.strip().splitlines()[0])
     predicted = np.stack([np.asarray(Image.open(__import__("io").BytesIO(r["mask_png"]))) for r in rows.values()
                           if r["error"] is None])
-    assert other["scored"] == len(stems) and other["pixel_accuracy"] == pytest.approx((predicted == 0).mean(), abs=1e-9)
+    assert other["scored"] == len(stems) and other["pixel_accuracy"] == pytest.approx((predicted == 0).mean(), abs=1e-6)  # float32 sums
 
     assert main(["draw", "--predictions", str(preds), "--output", str(tmp_path / "drawn"), "--limit", "3"]) == 0
     drawn = sorted((tmp_path / "drawn").glob("*.png"))
