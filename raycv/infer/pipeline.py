@@ -35,6 +35,7 @@ class InferSummary:
     images_per_second: float
     wall_seconds: float
     skipped_done: int
+    first_prediction_s: float | None = None  # from the start of the run to the first predicted rows (seen within 0.2 s)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -160,7 +161,7 @@ def run_inference(cfg: InferConfig) -> InferSummary:
         if inputs.count:
             counter = RowCounter.remote()
             predictor_kwargs["counter"] = counter
-            progress = ProgressLine(counter, inputs.count)
+            progress = ProgressLine(counter, inputs.count, t_start=t0)
             preset = spec.preprocess
             decode = {"geometry": preset.geometry, "shape": preset.shape, "errors": "row", "keep": (),
                       "with_size": spec.task != "classification"}
@@ -203,4 +204,5 @@ def run_inference(cfg: InferConfig) -> InferSummary:
         raise
     wall = time.perf_counter() - t0
     return InferSummary(output=cfg.infer.output, rows=rows, ok=rows - errors, errors=errors,
-                        images_per_second=rows / max(wall, 1e-9), wall_seconds=wall, skipped_done=len(done))
+                        images_per_second=rows / max(wall, 1e-9), wall_seconds=wall, skipped_done=len(done),
+                        first_prediction_s=progress.first_rows_s if inputs.count else None)

@@ -31,12 +31,14 @@ class ProgressLine(threading.Thread):
     """Polls the row counter and shows it: a bar with rows/s and time left on a terminal, a line
     every 10 s in a log."""
 
-    def __init__(self, counter, total: int, stream=None, every_s: float = 1.0):
+    def __init__(self, counter, total: int, stream=None, every_s: float = 1.0, t_start: float | None = None):
         super().__init__(daemon=True)
         self.counter, self.total, self.stop = counter, max(total, 1), threading.Event()
         self.live = Live(unit="row", stream=stream, log_every_s=10.0)
         self.every_s = every_s
         self.t0 = time.perf_counter()
+        self.t_start = self.t0 if t_start is None else t_start  # the run's start (perf_counter)
+        self.first_rows_s: float | None = None  # seconds from t_start to the first predicted rows
 
     def line(self, rows: int) -> str:
         dt = time.perf_counter() - self.t0
@@ -49,6 +51,8 @@ class ProgressLine(threading.Thread):
             rows = ray.get(self.counter.value.remote(), timeout=5)
         except Exception:  # a slow poll is not worth failing the job for
             return
+        if rows and self.first_rows_s is None:
+            self.first_rows_s = round(time.perf_counter() - self.t_start, 1)
         if final and not self.live.tty:
             self.live.stream.write(self.line(rows) + "\n")
             self.live.stream.flush()
@@ -56,7 +60,7 @@ class ProgressLine(threading.Thread):
         self.live.update(n=rows, total=self.total, desc="infer", line=self.line(rows))
 
     def run(self) -> None:
-        while not self.stop.wait(self.every_s):
+        while not self.stop.wait(self.every_s if self.first_rows_s is not None else 0.2):
             self.show()
 
     def finish(self) -> None:
