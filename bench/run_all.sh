@@ -14,6 +14,7 @@ if [ "${1:-}" = "--quick" ]; then
     python bench/train_cpu.py --epochs 2 --reps 1 --json "$out/train_cpu.json"
     python bench/infer_bench.py --images 16 --scale 2 --size 32 --json "$out/infer_64.json"
     python bench/infer_cpu.py --images 16 --size 32 --json "$out/infer_cpu.json"
+    python bench/scale_bench.py --rows 300 --folder 50 --work "$out/scale-work" --json "$out/scale.json"
     python bench/gpu_bench.py --smoke --json "$out/gpu.json"
 else
     python bench/train_bench.py --epochs 4 --json "$out/train.json"
@@ -21,6 +22,7 @@ else
     python bench/infer_bench.py --images 1000 --scale 10 --size 64 --json "$out/infer_64.json"
     python bench/infer_bench.py --images 200 --scale 4 --size 224 --json "$out/infer_224.json"
     python bench/infer_cpu.py --images 600 --size 224 --json "$out/infer_cpu.json"
+    python bench/scale_bench.py --rows 20000,500000 --folder 100000 --json "$out/scale.json"
     if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
         python bench/gpu_bench.py --seconds 60 --images 5000 --json "$out/gpu.json"
     fi

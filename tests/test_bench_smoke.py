@@ -35,3 +35,15 @@ def test_infer_cpu_bench_smoke(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["results"]
     assert rows[0]["cpu_seconds"] > 0 and any(row["role"].startswith("predictor actor") for row in rows)
+
+
+@pytest.mark.slow
+def test_scale_bench_smoke(tmp_path):
+    out = tmp_path / "scale.json"
+    r = subprocess.run([sys.executable, "bench/scale_bench.py", "--rows", "300", "--folder", "50", "--work",
+                        str(tmp_path / "work"), "--json", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(row["input"], row["rows"]) for row in rows] == [("Parquet, 300 rows", 300), ("folder, 50 files", 50)]
+    assert all(0 < row["first_prediction_s"] <= row["wall_s"] and row["driver_peak_rss_mib"] > 100 for row in rows)

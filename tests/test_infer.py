@@ -95,28 +95,26 @@ def test_schema_metadata_and_a_second_reader(ray_session, checkpoint, digit_fold
     assert np.allclose(by_duckdb["score"], ours["score"])
 
 
-def test_readers_skip_a_live_runs_tmp_folder(ray_session, checkpoint, digit_folder, tmp_path):
-    """While a run is writing, its parts sit in <output>/_tmp-<run>/: pandas and DuckDB read the
-    published files only (here a real part file in the folder a new run on this output writes into)."""
+def test_rows_per_file_and_readers_beside_a_live_run(ray_session, checkpoint, digit_folder, tmp_path):
+    """infer.rows_per_file sets how many rows a file holds; while a run is writing, its parts sit in
+    <output>/_tmp-<run>/, and pandas and DuckDB read the published files only (here a real part
+    file in the folder a new run on this output writes into)."""
     from raycv.infer.output import OutputLocation
 
-    out = tmp_path / "out"
-    _infer(checkpoint, digit_folder, out)
+    out = tmp_path / "one"
+    _infer(checkpoint, digit_folder, out, "infer.batch_size=16")
+    assert [pq.read_metadata(f).num_rows for f in out.glob("*.parquet")] == [60]
+    _infer(checkpoint, digit_folder, tmp_path / "small", "infer.batch_size=16", "infer.rows_per_file=20")
+    counts = sorted(pq.read_metadata(f).num_rows for f in (tmp_path / "small").glob("*.parquet"))
+    assert sum(counts) == 60 and len(counts) >= 2 and all(c >= 20 for c in counts[1:]), counts  # a tail may be short
+
     live = Path(OutputLocation(str(out)).tmp_path)
     live.mkdir()
     part = sorted(out.glob("part-*.parquet"))[0]
     (live / part.name.replace("part-", "part-live-")).write_bytes(part.read_bytes())
-    assert len(pd.read_parquet(live)) == pq.read_metadata(part).num_rows  # a readable Parquet file, skipped by name
+    assert len(pd.read_parquet(live)) == 60  # a readable Parquet file, skipped by its folder's name
     assert len(pd.read_parquet(out)) == 60
     assert duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/*.parquet')").fetchall() == [(60,)]
-
-
-def test_rows_per_file_sets_how_many_rows_a_file_holds(ray_session, checkpoint, digit_folder, tmp_path):
-    _infer(checkpoint, digit_folder, tmp_path / "one", "infer.batch_size=16")
-    assert [pq.read_metadata(f).num_rows for f in (tmp_path / "one").glob("*.parquet")] == [60]
-    _infer(checkpoint, digit_folder, tmp_path / "small", "infer.batch_size=16", "infer.rows_per_file=20")
-    counts = sorted(pq.read_metadata(f).num_rows for f in (tmp_path / "small").glob("*.parquet"))
-    assert sum(counts) == 60 and len(counts) >= 2 and all(c >= 20 for c in counts[1:]), counts  # a tail may be short
 
 
 def test_bad_files_become_error_rows(ray_session, checkpoint, digit_folder, tmp_path):
@@ -426,14 +424,25 @@ def test_a_registry_input_without_a_recorded_split_is_refused(tmp_path, capsys, 
     assert len(err) == 1 and "records no data.root for shapes, so the split it was validated on cannot be" in err[0]
 
 
-def test_the_exactly_once_check_refuses_to_publish_duplicate_ids(ray_session, checkpoint, digit_folder, tmp_path):
+@pytest.mark.parametrize("by_ray", [False, True], ids=["ids-in-driver", "ids-by-ray"])
+def test_the_exactly_once_check_refuses_to_publish_duplicate_ids(ray_session, checkpoint, digit_folder, tmp_path,
+                                                                 monkeypatch, by_ray):
     """The count-and-distinct check before publishing, triggered for real: a Parquet input whose id
-    column repeats one id. Every row is written, but the output could not say which input each is."""
+    column repeats one id. Every row is written, but the output could not say which input each is.
+    Both ways of counting the distinct ids: in the driver (small outputs) and by a Ray groupby (above
+    LOCAL_ID_CHECK_ROWS, here 0); the second also publishes an output whose ids are distinct."""
     import pyarrow as pa
 
+    from raycv.infer import output
+
+    if by_ray:
+        monkeypatch.setattr(output, "LOCAL_ID_CHECK_ROWS", 0)
     pngs = sorted(digit_folder.rglob("*.png"))[:6]
     ids = ["a", "b", "c", "d", "e", "a"]
     pq.write_table(pa.table({"path": ids, "image": [p.read_bytes() for p in pngs]}), tmp_path / "in.parquet")
     with pytest.raises(UserError, match=r"inference wrote 6 rows \(5 distinct ids\) for 6 inputs.*nothing was published"):
         _infer(checkpoint, tmp_path / "in.parquet", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    if by_ray:
+        pq.write_table(pa.table({"path": ids[:5], "image": [p.read_bytes() for p in pngs[:5]]}), tmp_path / "ok.parquet")
+        assert _infer(checkpoint, tmp_path / "ok.parquet", tmp_path / "out").rows == 5

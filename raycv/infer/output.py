@@ -33,6 +33,26 @@ PART = re.compile(r"part-\d{14}-[0-9a-f]{6}-\d{5,}\.parquet")
 TMP = re.compile(r"_tmp-\d{14}-[0-9a-f]{6}")
 
 
+# Up to this many written rows, the exactly-once check reads the ids into the driver (~100 MB at
+# most); above it, Ray counts the distinct ids.
+LOCAL_ID_CHECK_ROWS = 1_000_000
+
+
+def _rows_and_nulls(f, column: str) -> tuple[int, int]:
+    """(rows, nulls in `column`) of a Parquet file, from its footer's statistics (the column itself
+    is read only where a row group has none)."""
+    pf = pq.ParquetFile(f)
+    meta = pf.metadata
+    index = next(i for i in range(meta.num_columns) if meta.schema.column(i).path == column)
+    nulls = 0
+    for g in range(meta.num_row_groups):
+        stats = meta.row_group(g).column(index).statistics
+        if stats is None or not stats.has_null_count:
+            return meta.num_rows, pf.read(columns=[column]).column(column).null_count
+        nulls += stats.null_count
+    return meta.num_rows, nulls
+
+
 @dataclass
 class Manifest:
     files: list[str] = field(default_factory=list)  # names inside the output folder
@@ -144,17 +164,27 @@ class OutputLocation:
         infos = self.fs.get_file_info(pafs.FileSelector(self.tmp_path, recursive=True))
         return sorted(f.path for f in infos if f.type == pafs.FileType.File and f.path.endswith(".parquet"))
 
-    def count_written(self) -> tuple[int, int, list[str]]:
-        """(rows, error rows, paths) of what this run wrote into its temporary folder."""
+    def count_written(self, num_cpus: float = 0.25) -> tuple[int, int, int]:
+        """(rows, error rows, distinct ids) of what this run wrote into its temporary folder. Rows and
+        errors come from the Parquet footers (row counts, the `error` column's null counts); the
+        distinct ids are counted here up to LOCAL_ID_CHECK_ROWS rows, and above by Ray (a groupby
+        on the id, hash-shuffled across the cluster), so the driver's memory does not grow with N."""
+        files = self.written_files()
         rows = errors = 0
-        paths: list[str] = []
-        for p in self.written_files():
+        for p in files:
             with self.fs.open_input_file(p) as f:
-                t = pq.read_table(f, columns=["path", "error"])
-            rows += t.num_rows
-            errors += t.num_rows - t.column("error").null_count
-            paths += t.column("path").to_pylist()
-        return rows, errors, paths
+                n, ok = _rows_and_nulls(f, "error")
+            rows, errors = rows + n, errors + n - ok
+        if rows <= LOCAL_ID_CHECK_ROWS:
+            ids: set = set()
+            for p in files:
+                with self.fs.open_input_file(p) as f:
+                    ids.update(pq.read_table(f, columns=["path"]).column("path").to_pylist())
+            return rows, errors, len(ids)
+        from raycv.data.sources import read_parquet_rows
+
+        ds, _ = read_parquet_rows([with_scheme(self.fs, p, self.uri) for p in files], ["path"], num_cpus=num_cpus)
+        return rows, errors, ds.groupby("path").count().count()
 
     def publish(self, mode: str, base: Manifest | None, *, rows: int, errors: int, metadata: dict) -> Manifest:
         old = self.manifest()

@@ -188,9 +188,9 @@ def run_inference(cfg: InferConfig) -> InferSummary:
                                 f"nothing was published and this run's partial files were removed") from None
             finally:
                 progress.finish()
-        rows, errors, paths = out.count_written()
-        if rows != inputs.count or len(set(paths)) != rows:
-            raise UserError(f"inference wrote {rows} rows ({len(set(paths))} distinct ids) for {inputs.count} inputs, "
+        rows, errors, distinct = out.count_written(decode_cpus)
+        if rows != inputs.count or distinct != rows:
+            raise UserError(f"inference wrote {rows} rows ({distinct} distinct ids) for {inputs.count} inputs, "
                             f"so the output would not hold every input exactly once; nothing was published (are "
                             f"the input's ids unique?)")
         if rows and errors / rows > cfg.infer.max_error_fraction:
