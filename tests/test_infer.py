@@ -424,7 +424,7 @@ def test_a_registry_input_without_a_recorded_split_is_refused(tmp_path, capsys, 
     assert len(err) == 1 and "records no data.root for shapes, so the split it was validated on cannot be" in err[0]
 
 
-@pytest.mark.parametrize("by_ray", [False, True], ids=["ids-in-driver", "ids-by-ray"])
+@pytest.mark.parametrize("by_ray", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["ids-in-driver", "ids-by-ray"])
 def test_the_exactly_once_check_refuses_to_publish_duplicate_ids(ray_session, checkpoint, digit_folder, tmp_path,
                                                                  monkeypatch, by_ray):
     """The count-and-distinct check before publishing, triggered for real: a Parquet input whose id

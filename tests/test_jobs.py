@@ -162,6 +162,7 @@ def test_job_that_fails_on_the_cluster_exits_nonzero(head, tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+@pytest.mark.slow
 def test_submit_passes_pip_and_the_drivers_resources_to_the_job(head, tmp_path):
     """--pip, --entrypoint-num-gpus and --entrypoint-resources reach the job as Ray records it. The
     head has no GPU and no `accel` resource, so the job waits (PENDING) and is stopped: nothing runs."""
