@@ -82,3 +82,30 @@ class Head:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self._log.close()
+
+
+def local_cluster(prefix: str):
+    """A `ray.cluster_utils.Cluster` whose 1-CPU head has its own temp dir and ports; -> (cluster,
+    temp dir for the nodes added to it)."""
+    import tempfile
+
+    from ray.cluster_utils import Cluster
+
+    temp = tempfile.mkdtemp(prefix=prefix)
+    return Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=1, gcs_server_port=free_port(), temp_dir=temp, include_dashboard=False,
+        dashboard_agent_listen_port=free_port())), temp
+
+
+def hosts(node, marker: str) -> bool:
+    """Whether a process under `node`'s raylet has `marker` in its command line (an actor's class)."""
+    import psutil
+
+    raylet = node.all_processes["raylet"][0].process.pid
+    for p in psutil.Process(raylet).children(recursive=True):
+        try:
+            if marker in " ".join(p.cmdline()):
+                return True
+        except psutil.Error:
+            continue
+    return False

@@ -7,18 +7,12 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 
-from head import free_port  # this folder is first on sys.path when the script runs
+from head import local_cluster  # this folder is first on sys.path when the script runs
 
 
 def main(storage: str, *overrides: str) -> None:
-    from ray.cluster_utils import Cluster
-
-    temp = tempfile.mkdtemp(prefix="rcm-")
-    cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=1, gcs_server_port=free_port(), temp_dir=temp, include_dashboard=False,
-        dashboard_agent_listen_port=free_port()))
+    cluster, temp = local_cluster("rcm-")
     try:
         for _ in range(2):
             cluster.add_node(num_cpus=1, temp_dir=temp)

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-from head import free_port  # this folder is first on sys.path when the script runs
+from head import hosts, local_cluster  # this folder is first on sys.path when the script runs
 
 
 def registered(run_dir: Path) -> list[int]:
@@ -26,16 +25,10 @@ def registered(run_dir: Path) -> list[int]:
 
 
 def main(storage: str, *overrides: str) -> None:
-    from ray.cluster_utils import Cluster
-
-    temp = tempfile.mkdtemp(prefix="rct-")
-    cluster = Cluster(initialize_head=True, head_node_args=dict(
-        num_cpus=1, gcs_server_port=free_port(), temp_dir=temp, include_dashboard=False,
-        dashboard_agent_listen_port=free_port()))
+    cluster, temp = local_cluster("rct-")
     try:
         workers = [cluster.add_node(num_cpus=2, temp_dir=temp) for _ in range(3)]
         cluster.wait_for_nodes()
-        import psutil
         import ray
 
         from raycv.config import load_config
@@ -48,23 +41,13 @@ def main(storage: str, *overrides: str) -> None:
                                   daemon=True)
         thread.start()
 
-        def hosts_worker(node) -> bool:
-            raylet = node.all_processes["raylet"][0].process.pid
-            for p in psutil.Process(raylet).children(recursive=True):
-                try:
-                    if "RayTrainWorker" in " ".join(p.cmdline()):
-                        return True
-                except psutil.Error:
-                    continue
-            return False
-
         deadline = time.monotonic() + 300
         while 2 not in registered(run_dir):
             if time.monotonic() > deadline or not thread.is_alive():
                 raise RuntimeError("the epoch-2 checkpoint was never registered")
             time.sleep(0.1)
         at_removal = registered(run_dir)
-        victim = next(n for n in workers if hosts_worker(n))
+        victim = next(n for n in workers if hosts(n, "RayTrainWorker"))
         alive_at_removal = thread.is_alive()
         cluster.remove_node(victim)
         thread.join(timeout=600)
