@@ -42,15 +42,16 @@ def make_jpegs(root: Path, n: int, side: int = 256) -> list[str]:
     return paths
 
 
-def make_checkpoint(directory: Path, size: int) -> Path:
+def make_checkpoint(directory: Path, size: int, model_name: str = "resnet18") -> Path:
+    """An untrained 10-class classifier written as a raycv checkpoint (seeded weights)."""
     from raycv.data.presets import ClassificationEvalPreset
     from raycv.models import get_model
     from raycv.train.checkpoint import CheckpointInfo, write_checkpoint
 
     torch.manual_seed(0)
-    model = get_model("resnet18", num_classes=10)
+    model = get_model(model_name, num_classes=10)
     preset = ClassificationEvalPreset(input_size=size, resize_size=size)
-    info = CheckpointInfo(task="classification", model_name="resnet18", model_kwargs={},
+    info = CheckpointInfo(task="classification", model_name=model_name, model_kwargs={},
                           classes=[str(i) for i in range(10)], preprocess=preset, epoch=0, metrics={}, config={})
     return write_checkpoint(directory, model, info)
 

@@ -77,22 +77,6 @@ def make_folder(root: Path, files: int, per_dir: int = 1000) -> Path:
     return folder
 
 
-def make_checkpoint(directory: Path) -> Path:
-    import torch
-
-    from raycv.data.presets import ClassificationEvalPreset
-    from raycv.models import get_model
-    from raycv.train.checkpoint import CheckpointInfo, write_checkpoint
-
-    if (directory / "raycv.json").exists():
-        return directory
-    torch.manual_seed(0)
-    info = CheckpointInfo(task="classification", model_name="simple_cnn", model_kwargs={},
-                          classes=[str(i) for i in range(10)], preprocess=ClassificationEvalPreset(input_size=32, resize_size=32),
-                          epoch=0, metrics={}, config={})
-    return write_checkpoint(directory, get_model("simple_cnn", num_classes=10), info)
-
-
 def _rss_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -132,7 +116,11 @@ def main() -> None:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = make_checkpoint(work / "ckpt")
+    from infer_bench import make_checkpoint
+
+    ckpt = work / "ckpt"
+    if not (ckpt / "raycv.json").exists():
+        make_checkpoint(ckpt, 32, "simple_cnn")
     inputs = [(f"Parquet, {n:,} rows", make_parquet(work, n)) for n in map(int, args.rows.split(",")) if n]
     if args.folder:
         inputs.append((f"folder, {args.folder:,} files", make_folder(work, args.folder)))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ray_processes
+from helpers.runs import registered_epochs
 
 from raycv.config import load_config
 from raycv.train.driver import WORKER_MALLOC_ENV, fit
@@ -18,16 +19,6 @@ from raycv.train.driver import WORKER_MALLOC_ENV, fit
 def _logged(run_dir: Path) -> list[dict]:
     p = run_dir / "metrics.jsonl"
     return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
-
-
-def _registered(run_dir: Path) -> list[int]:
-    """Epochs whose checkpoints Ray Train's controller has registered (what a restart resumes from)."""
-    p = run_dir / "checkpoint_manager_snapshot.json"
-    try:
-        results = json.loads(p.read_text())["checkpoint_results"]
-    except (OSError, ValueError, KeyError):
-        return []
-    return [int(r["checkpoint_dir_name"].rsplit("_", 1)[1]) for r in results]
 
 
 @pytest.mark.slow
@@ -41,14 +32,14 @@ def test_sigkilled_worker_resumes_from_the_last_checkpoint(ray_session, tmp_path
     thread = threading.Thread(target=lambda: result.update(summary=fit(cfg, echo=lambda line: None)), daemon=True)
     thread.start()
     deadline = time.monotonic() + 240
-    while 2 not in _registered(run_dir):  # the checkpoint itself, not the log line written before it
+    while 2 not in registered_epochs(run_dir):  # the checkpoint itself, not the log line written before it
         assert time.monotonic() < deadline and thread.is_alive(), "training did not checkpoint epoch 2"
         time.sleep(0.2)
     victims = ray_processes("RayTrainWorker")
     assert len(victims) == 2
     for worker in victims:  # live workers run with raycv's malloc settings (Ray Train's worker_runtime_env)
         assert {k: worker.environ().get(k) for k in WORKER_MALLOC_ENV} == WORKER_MALLOC_ENV
-    last = max(_registered(run_dir))  # what the restart must resume from (2, or 3 if it came in meanwhile)
+    last = max(registered_epochs(run_dir))  # what the restart must resume from (2, or 3 if it came in meanwhile)
     os.kill(victims[0].pid, signal.SIGKILL)
     assert last < 4, "the run finished before the kill"
     thread.join(timeout=300)

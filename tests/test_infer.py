@@ -430,7 +430,8 @@ def test_the_exactly_once_check_refuses_to_publish_duplicate_ids(ray_session, ch
     """The count-and-distinct check before publishing, triggered for real: a Parquet input whose id
     column repeats one id. Every row is written, but the output could not say which input each is.
     Both ways of counting the distinct ids: in the driver (small outputs) and by a Ray groupby (above
-    LOCAL_ID_CHECK_ROWS, here 0); the second also publishes an output whose ids are distinct."""
+    LOCAL_ID_CHECK_ROWS, here 0, where rows and errors come from the footers); the second also
+    publishes an output whose ids are distinct."""
     import pyarrow as pa
 
     from raycv.infer import output
@@ -443,6 +444,8 @@ def test_the_exactly_once_check_refuses_to_publish_duplicate_ids(ray_session, ch
     with pytest.raises(UserError, match=r"inference wrote 6 rows \(5 distinct ids\) for 6 inputs.*nothing was published"):
         _infer(checkpoint, tmp_path / "in.parquet", tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    if by_ray:
-        pq.write_table(pa.table({"path": ids[:5], "image": [p.read_bytes() for p in pngs[:5]]}), tmp_path / "ok.parquet")
-        assert _infer(checkpoint, tmp_path / "ok.parquet", tmp_path / "out").rows == 5
+    if by_ray:  # distinct ids, one of them not an image: published, its error row counted from the footers
+        images = [p.read_bytes() for p in pngs[:4]] + [b"not an image"]
+        pq.write_table(pa.table({"path": ids[:5], "image": images}), tmp_path / "ok.parquet")
+        s = _infer(checkpoint, tmp_path / "ok.parquet", tmp_path / "out")
+        assert (s.rows, s.errors) == (5, 1)

@@ -76,8 +76,8 @@ def test_node_removed_mid_training_resumes_from_the_last_checkpoint(tmp_path):
     resumed_at = max(out["registered_at_removal"]) + 1
     log = [json.loads(ln) for ln in (tmp_path / "nl" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in log] == [1, 2, 3, 4] and out["summary"]["epochs"] == 4
-    assert [m["started_at_epoch"] for m in log] == [1] * (resumed_at - 1) + [resumed_at] * (5 - resumed_at)
     assert resumed_at <= 4, "the run ended before the node was removed"
+    assert [m["started_at_epoch"] for m in log] == [1] * (resumed_at - 1) + [resumed_at] * (5 - resumed_at)
     for m in log[resumed_at - 1:]:  # trained after the removal: two nodes, neither of them the removed one
         assert len(set(m["worker_nodes"])) == 2 and out["removed"] not in m["worker_nodes"]
     assert any(out["removed"] in m["worker_nodes"] for m in log[:resumed_at - 1])

@@ -33,8 +33,8 @@ PART = re.compile(r"part-\d{14}-[0-9a-f]{6}-\d{5,}\.parquet")
 TMP = re.compile(r"_tmp-\d{14}-[0-9a-f]{6}")
 
 
-# Up to this many written rows, the exactly-once check reads the ids into the driver (~100 MB at
-# most); above it, Ray counts the distinct ids.
+# Up to this many rows, the exactly-once check reads the ids into the driver (~100 MB at most);
+# above it, Ray counts the distinct ids.
 LOCAL_ID_CHECK_ROWS = 1_000_000
 
 
@@ -164,23 +164,26 @@ class OutputLocation:
         infos = self.fs.get_file_info(pafs.FileSelector(self.tmp_path, recursive=True))
         return sorted(f.path for f in infos if f.type == pafs.FileType.File and f.path.endswith(".parquet"))
 
-    def count_written(self, num_cpus: float = 0.25) -> tuple[int, int, int]:
-        """(rows, error rows, distinct ids) of what this run wrote into its temporary folder. Rows and
-        errors come from the Parquet footers (row counts, the `error` column's null counts); the
-        distinct ids are counted here up to LOCAL_ID_CHECK_ROWS rows, and above by Ray (a groupby
-        on the id, hash-shuffled across the cluster), so the driver's memory does not grow with N."""
+    def count_written(self, expected: int, num_cpus: float) -> tuple[int, int, int]:
+        """(rows, error rows, distinct ids) of what this run wrote into its temporary folder. For up
+        to LOCAL_ID_CHECK_ROWS `expected` rows, the id and error columns are read here (one read per
+        file). Above, rows and errors come from the Parquet footers (row counts, the `error`
+        column's null counts) and Ray counts the distinct ids (a groupby on the id, hash-shuffled
+        across the cluster), so the driver's memory does not grow with N."""
         files = self.written_files()
         rows = errors = 0
+        if expected <= LOCAL_ID_CHECK_ROWS:
+            ids: set = set()
+            for p in files:
+                with self.fs.open_input_file(p) as f:
+                    t = pq.read_table(f, columns=["path", "error"])
+                rows, errors = rows + t.num_rows, errors + t.num_rows - t.column("error").null_count
+                ids.update(t.column("path").to_pylist())
+            return rows, errors, len(ids)
         for p in files:
             with self.fs.open_input_file(p) as f:
                 n, ok = _rows_and_nulls(f, "error")
             rows, errors = rows + n, errors + n - ok
-        if rows <= LOCAL_ID_CHECK_ROWS:
-            ids: set = set()
-            for p in files:
-                with self.fs.open_input_file(p) as f:
-                    ids.update(pq.read_table(f, columns=["path"]).column("path").to_pylist())
-            return rows, errors, len(ids)
         from raycv.data.sources import read_parquet_rows
 
         ds, _ = read_parquet_rows([with_scheme(self.fs, p, self.uri) for p in files], ["path"], num_cpus=num_cpus)

@@ -188,7 +188,7 @@ def run_inference(cfg: InferConfig) -> InferSummary:
                                 f"nothing was published and this run's partial files were removed") from None
             finally:
                 progress.finish()
-        rows, errors, distinct = out.count_written(decode_cpus)
+        rows, errors, distinct = out.count_written(inputs.count, decode_cpus)
         if rows != inputs.count or distinct != rows:
             raise UserError(f"inference wrote {rows} rows ({distinct} distinct ids) for {inputs.count} inputs, "
                             f"so the output would not hold every input exactly once; nothing was published (are "

@@ -123,7 +123,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     defer = tc.deterministic  # augmentation on this thread, in batch order (see AugmentCollate)
     collate = (PairCollate(train_preset, defer) if segmentation else BoxCollate(train_preset, defer) if detection
                else AugmentCollate(train_preset, cache, defer))
-    augment_here = collate.augment if defer else None
 
     def shuffle_seed(epoch: int) -> int | None:
         return tc.seed * 1_000_000 + rank * 1000 + epoch if tc.deterministic else None
@@ -143,15 +142,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                      prefetch_batches=2, local_shuffle_buffer_size=4 * cfg.data.batch_size,
                                                      local_shuffle_seed=shuffle_seed(epoch))
         for batch in batches:
-            if augment_here is not None:
-                batch = augment_here(batch)
+            if defer:
+                batch = collate.augment(batch)
             x = train_preset.normalize(batch["image"].to(device))  # (B, C, H, W) float32
             y = box_targets(batch, device) if detection else batch[target].to(device)
             result = stepper(x, y)
-            loss = result.loss
+            loss = result.loss.item()  # one device sync per batch
             if result.stepped and log is not None:
-                log.step(epoch=epoch, loss=loss.item(), lr=optimizer.param_groups[0]["lr"], grad_norm=result.grad_norm)
-            loss_sum += loss.item() * x.shape[0]
+                log.step(epoch=epoch, loss=loss, lr=optimizer.param_groups[0]["lr"], grad_norm=result.grad_norm)
+            loss_sum += loss * x.shape[0]
             seen += x.shape[0]
             if log is not None:
                 log.progress(epoch=epoch, epochs=tc.epochs, images=seen * world, total=rows_per_rank * world,

@@ -13,15 +13,7 @@ import time
 from pathlib import Path
 
 from head import hosts, local_cluster  # this folder is first on sys.path when the script runs
-
-
-def registered(run_dir: Path) -> list[int]:
-    """Epochs whose checkpoints Ray Train's controller has registered (what a restart resumes from)."""
-    try:
-        results = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
-    except (OSError, ValueError, KeyError):
-        return []
-    return [int(r["checkpoint_dir_name"].rsplit("_", 1)[1]) for r in results]
+from runs import registered_epochs
 
 
 def main(storage: str, *overrides: str) -> None:
@@ -42,11 +34,11 @@ def main(storage: str, *overrides: str) -> None:
         thread.start()
 
         deadline = time.monotonic() + 300
-        while 2 not in registered(run_dir):
+        while 2 not in registered_epochs(run_dir):
             if time.monotonic() > deadline or not thread.is_alive():
                 raise RuntimeError("the epoch-2 checkpoint was never registered")
             time.sleep(0.1)
-        at_removal = registered(run_dir)
+        at_removal = registered_epochs(run_dir)
         victim = next(n for n in workers if hosts(n, "RayTrainWorker"))
         alive_at_removal = thread.is_alive()
         cluster.remove_node(victim)
