@@ -349,17 +349,21 @@ def test_detection_trains_infers_evaluates_and_draws(ray_session, tmp_path, caps
     assert set(per_class) == set(bundled.SHAPE_CLASSES)
 
     # --labels: another COCO JSON is what the detections are scored against (here the same one
-    # without its circles: pycocotools on that file agrees, and the scores move).
+    # without its circles: pycocotools on that file agrees, and circles, predicted but absent from
+    # the truth, get no AP: -1, as pycocotools marks a class without true boxes).
     trimmed = json.loads((coco / "annotations" / "instances_val.json").read_text())
     circle = next(c["id"] for c in trimmed["categories"] if c["name"] == "circle")
     trimmed["annotations"] = [a for a in trimmed["annotations"] if a["category_id"] != circle]
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "no_circles.json").write_text(json.dumps(trimmed))
-    assert main(["evaluate", "--predictions", str(preds), "--labels", str(tmp_path / "elsewhere" / "no_circles.json")]) == 0
+    assert main(["evaluate", "--predictions", str(preds), "--labels", str(tmp_path / "elsewhere" / "no_circles.json"),
+                 "--output", str(tmp_path / "eval_no_circles")]) == 0
     other = json.loads(capsys.readouterr().out.strip().splitlines()[0])
     other_map, other_map50 = _pycocotools_map(tmp_path / "elsewhere" / "no_circles.json", rows.values())
     assert other["map"] == pytest.approx(other_map, abs=5e-3) and other["map_50"] == pytest.approx(other_map50, abs=5e-3)
-    assert abs(other["map"] - report["map"]) > 0.02
+    other_per_class = json.loads((tmp_path / "eval_no_circles" / "metrics.json").read_text())["per_class"]
+    assert per_class["circle"]["ap"] > 0 and other_per_class["circle"]["ap"] == -1
+    assert all(other_per_class[c]["ap"] >= 0 for c in bundled.SHAPE_CLASSES if c != "circle")
 
     assert main(["draw", "--predictions", str(preds), "--output", str(tmp_path / "drawn"), "--limit", "2"]) == 0
     drawn = sorted((tmp_path / "drawn").glob("*.png"))
