@@ -176,7 +176,8 @@ class InferSection(_Section):
     use_gpu: bool = False
     actor_resources: dict[str, float] = Field(default_factory=dict)  # custom resources per actor, e.g. {accel: 1}
     path_column: str = "path"  # parquet inputs: the id / path column
-    image_column: str = "image"  # parquet inputs: encoded image bytes
+    image_column: str | None = "image"  # parquet inputs: encoded image bytes (null: a manifest, the path column holds URIs)
+    # Inputs per shard, the unit of progress that survives a crash, and at most the rows of one part file.
     rows_per_file: int = Field(100_000, ge=1)
     # Decode inside the predictor actors instead of in separate Ray Data tasks. Separate tasks win when
     # decoding is the bottleneck (they run beside the model); on a few CPUs with a compute-heavy model,

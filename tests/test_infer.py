@@ -97,7 +97,7 @@ def test_schema_metadata_and_a_second_reader(ray_session, checkpoint, digit_fold
 
 def test_rows_per_file_and_readers_beside_a_live_run(ray_session, checkpoint, digit_folder, tmp_path):
     """infer.rows_per_file sets how many rows a file holds; while a run is writing, its parts sit in
-    <output>/_tmp-<run>/, and pandas and DuckDB read the published files only (here a real part
+    <output>/_shards/, and pandas and DuckDB read the published files only (here a real part
     file in the folder a new run on this output writes into)."""
     from raycv.infer.output import OutputLocation
 
@@ -105,10 +105,16 @@ def test_rows_per_file_and_readers_beside_a_live_run(ray_session, checkpoint, di
     _infer(checkpoint, digit_folder, out, "infer.batch_size=16")
     assert [pq.read_metadata(f).num_rows for f in out.glob("*.parquet")] == [60]
     _infer(checkpoint, digit_folder, tmp_path / "small", "infer.batch_size=16", "infer.rows_per_file=20")
+    # 60 inputs in shards of 20 (sorted paths): each part holds the rows of one shard
     counts = sorted(pq.read_metadata(f).num_rows for f in (tmp_path / "small").glob("*.parquet"))
-    assert sum(counts) == 60 and len(counts) >= 2 and all(c >= 20 for c in counts[1:]), counts  # a tail may be short
+    shards = json.loads((tmp_path / "small" / MANIFEST).read_text())["shards"]
+    assert sum(counts) == 60 and max(counts) <= 20 and sorted(e["rows"] for e in shards.values()) == [20, 20, 20]
+    order = sorted(str(p) for p in digit_folder.rglob("*.png"))
+    for sid, entry in shards.items():
+        held = sorted(p for f in entry["files"] for p in pq.read_table(tmp_path / "small" / f["name"])["path"].to_pylist())
+        assert held == order[int(sid[-6:]) * 20:(int(sid[-6:]) + 1) * 20]
 
-    live = Path(OutputLocation(str(out)).tmp_path)
+    live = Path(OutputLocation(str(out)).shards_path)
     live.mkdir()
     part = sorted(out.glob("part-*.parquet"))[0]
     (live / part.name.replace("part-", "part-live-")).write_bytes(part.read_bytes())
@@ -140,7 +146,9 @@ def test_bad_files_become_error_rows(ray_session, checkpoint, digit_folder, tmp_
 
 @pytest.mark.parametrize("limit", [0.79, 0.8])
 def test_max_error_fraction_at_the_threshold(ray_session, checkpoint, tmp_path, limit):
-    """4 of 5 inputs are bad (0.8): just below the limit fails and publishes nothing; at it, publishes."""
+    """4 of 5 inputs are bad (0.8): just below the limit fails and publishes nothing, keeping the
+    committed predictions, which a resume at the limit publishes without predicting again; at it,
+    publishes."""
     folder = tmp_path / "bad"
     folder.mkdir()
     for i in range(4):
@@ -149,7 +157,10 @@ def test_max_error_fraction_at_the_threshold(ray_session, checkpoint, tmp_path, 
     if limit < 0.8:
         with pytest.raises(UserError, match=f"4 of 5 inputs failed to decode \\(80.0%\\), above infer.max_error_fraction={limit}"):
             _infer(checkpoint, folder, tmp_path / "out", f"infer.max_error_fraction={limit}")
-        assert not (tmp_path / "out").exists()  # the folder this run created is gone with its partial files
+        assert not (tmp_path / "out" / MANIFEST).exists() and list((tmp_path / "out").glob("*.parquet")) == []
+        s = _infer(checkpoint, folder, tmp_path / "out", "infer.mode=resume", "infer.max_error_fraction=0.8")
+        assert (s.rows, s.skipped_done, s.total_rows) == (0, 5, 5)
+        assert json.loads((tmp_path / "out" / MANIFEST).read_text())["errors"] == 4
     else:
         s = _infer(checkpoint, folder, tmp_path / "out", f"infer.max_error_fraction={limit}")
         assert (s.rows, s.errors) == (5, 4) and json.loads((tmp_path / "out" / MANIFEST).read_text())["errors"] == 4
@@ -168,15 +179,15 @@ def test_error_overwrite_and_resume_modes(ray_session, checkpoint, digit_folder,
         (folder / p.parent.name).mkdir(parents=True, exist_ok=True)
         (folder / p.parent.name / p.name).write_bytes(p.read_bytes())
     out = tmp_path / "out"
-    _infer(checkpoint, folder, out)
+    _infer(checkpoint, folder, out, "infer.rows_per_file=10")  # shards of 10 inputs
     with pytest.raises(UserError, match="already exists; pass infer.mode=overwrite"):
         _infer(checkpoint, folder, out)
 
-    for p in pngs[20:35]:  # 15 new inputs arrive
-        (folder / p.parent.name).mkdir(parents=True, exist_ok=True)
-        (folder / p.parent.name / p.name).write_bytes(p.read_bytes())
+    for p in pngs[20:35]:  # 15 new inputs arrive, in a top-level folder that sorts last: new shards
+        (folder / "zz_new").mkdir(exist_ok=True)
+        (folder / "zz_new" / f"{p.parent.name}_{p.name}").write_bytes(p.read_bytes())
     (out / "part-20260101000000-dead00-00000.parquet").write_bytes(b"debris: a killed run moved it in, unlisted")
-    s = _infer(checkpoint, folder, out, "infer.mode=resume")
+    s = _infer(checkpoint, folder, out, "infer.mode=resume", "infer.rows_per_file=10")
     assert (s.rows, s.skipped_done) == (15, 20)  # only the new inputs were processed
     paths = read_output(str(out)).column("path").to_pylist()
     assert sorted(paths) == sorted(str(p) for p in folder.rglob("*.png")) and len(set(paths)) == 35
@@ -184,13 +195,27 @@ def test_error_overwrite_and_resume_modes(ray_session, checkpoint, digit_folder,
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["rows"] == 35 and [r["mode"] for r in manifest["runs"]] == ["error", "resume"]
 
-    s = _infer(checkpoint, folder, out, "infer.mode=resume")  # nothing left to do
-    assert s.rows == 0 and len(read_output(str(out))) == 35
+    # One more input that sorts last joins the last shard (5 inputs, now 6): its 5 predictions are
+    # read back and kept, and only the new input is predicted.
+    (folder / "zz_new" / "zzz.png").write_bytes(pngs[0].read_bytes())
+    s = _infer(checkpoint, folder, out, "infer.mode=resume", "infer.rows_per_file=10")
+    assert (s.rows, s.skipped_done) == (1, 35)
+    # One inserted near the front (sorted order) moves every later boundary by one: shards 0-2 (10
+    # each) lose an input and are predicted again; shard 3 only gains one (6 kept, 1 predicted).
+    (folder / pngs[0].parent.name / ("0" + pngs[0].name)).write_bytes(pngs[0].read_bytes())
+    s = _infer(checkpoint, folder, out, "infer.mode=resume", "infer.rows_per_file=10")
+    assert (s.rows, s.skipped_done) == (31, 6)
+    table = read_output(str(out))
+    assert len(table) == len(set(table.column("path").to_pylist())) == 37
+    assert json.loads((out / MANIFEST).read_text())["files"] == sorted(p.name for p in out.glob("*.parquet"))
+
+    s = _infer(checkpoint, folder, out, "infer.mode=resume", "infer.rows_per_file=10")  # nothing left to do
+    assert (s.rows, s.skipped_done) == (0, 37) and len(read_output(str(out))) == 37
 
     s = _infer(checkpoint, folder, out, "infer.mode=overwrite")
-    assert s.rows == 35
+    assert s.rows == 37
     table = read_output(str(out))
-    assert len(table) == 35 and len(set(table.column("path").to_pylist())) == 35
+    assert len(table) == 37 and len(set(table.column("path").to_pylist())) == 37
     assert len(json.loads((out / MANIFEST).read_text())["files"]) == len(list(out.glob("*.parquet")))
 
 

@@ -57,38 +57,51 @@ def test_killed_predictor_actor_every_input_exactly_once(ray_session, many_image
 
 
 @pytest.mark.slow
-def test_killed_driver_then_resume_completes_without_duplicates(many_images, tmp_path):
-    """SIGKILL the `raycv infer` process mid-run (its local Ray goes with it), then re-run with
-    infer.mode=resume: a complete output, each input once, the killed run's debris gone."""
+def test_killed_driver_then_resume_processes_only_the_uncommitted_inputs(many_images, tmp_path):
+    """SIGKILL `raycv infer` and its local Ray at about half of a run (shards of 100 inputs), then
+    re-run with infer.mode=resume: the parts committed before the kill are reused, the resumed run
+    predicts exactly the inputs they lack, and the output holds each input once, debris gone."""
+    import psutil
+
     ckpt, images = many_images
     out = tmp_path / "out"
     args = [sys.executable, "-m", "raycv.cli", "infer", "--checkpoint", str(ckpt), "--input", str(images),
-            "--output", str(out), "infer.batch_size=16"]
+            "--output", str(out), "infer.batch_size=16", "infer.rows_per_file=100"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH")}  # a user's shell
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    shards = out / "_shards"
     deadline = time.monotonic() + 180
-    while not list(out.glob("_tmp-*/*.parquet")) and not ray_processes("ClassificationPredictor", proc.pid):
+    while len(list(shards.glob("part-*.json"))) < 6:  # of 15 shards
         assert time.monotonic() < deadline and proc.poll() is None, "the first run never got going"
-        time.sleep(0.2)
-    time.sleep(2)
-    assert proc.poll() is None, "the first run ended before the kill"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+        time.sleep(0.05)
+    family = [proc, *psutil.Process(proc.pid).children(recursive=True)]
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-write
+    _, alive = psutil.wait_procs([p if isinstance(p, psutil.Process) else psutil.Process(p.pid) for p in family],
+                                 timeout=30)
+    assert not alive, alive
     assert not (out / "_raycv_manifest.json").exists()  # nothing was passed off as complete
     with pytest.raises(Exception, match="not a complete raycv output"):
         read_output(str(out))
+    sidecars = [json.loads(f.read_text()) for f in shards.glob("part-*.json")]
+    committed = sum(side["rows"] for side in sidecars)
+    assert 0 < committed < N_IMAGES and all((shards / side["name"]).exists() for side in sidecars)
 
     r = subprocess.run([*args, "infer.mode=resume"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     # Quiet: raycv's progress lines only (Ray's token-auth warning and its core worker's error-level
     # line about actor constructor arguments stay in Ray's log folder)
     assert r.stderr and all(ln.startswith("infer: ") for ln in r.stderr.splitlines()), r.stderr[-2000:]
+    manifest = json.loads((out / "_raycv_manifest.json").read_text())
+    assert manifest["runs"][-1] | {"run": ""} == {"run": "", "mode": "resume", "rows": N_IMAGES - committed,
+                                                 "reused": committed}
     table = read_output(str(out))
     paths = table.column("path").to_pylist()
     assert len(paths) == len(set(paths)) == N_IMAGES and set(paths) == _all_inputs(images)
-    assert not list(out.glob("_tmp-*"))
-    manifest = json.loads((out / "_raycv_manifest.json").read_text())
+    assert not shards.exists() and not list(out.glob("_tmp-*"))
     assert sorted(manifest["files"]) == sorted(p.name for p in out.glob("*.parquet"))
+    assert len(manifest["shards"]) == 15 and all(e["rows"] == 100 for e in manifest["shards"].values())
+    kept = {side["name"] for side in sidecars}
+    assert kept <= set(manifest["files"])  # the committed parts were published as they were
 
 
 def test_unwritable_output_is_one_line_and_nothing_is_written(ray_session, many_images, tmp_path, capsys):

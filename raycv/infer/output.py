@@ -1,16 +1,17 @@
 """Complete, exactly-once Parquet outputs.
 
-An output folder holds `part-<run>-<n>.parquet` files and `_raycv_manifest.json`, written last:
-the manifest lists the files that make up the output and the row counts. An output without a
-manifest is incomplete; a part file the manifest does not list is debris from a crashed run and is
-never read. A run writes into `_tmp-<run>/` inside the output (readers skip `_` names), and
-publishes only after every row is written and counted:
+An output folder holds part files and `_raycv_manifest.json`, written last: the manifest lists the
+files that make up the output, its row counts, and per input shard (`raycv/infer/shards.py`) the
+parts that hold it. An output without a manifest is incomplete; a part file the manifest does not
+list is never read. While a run works, its parts are committed one by one in `<output>/_shards/`
+(readers skip `_` names) and stay there if the run dies; the output is published only after every
+shard is complete:
 
-- mode=error: an existing output is refused.
-- mode=overwrite: the manifest goes first (the output reads as incomplete), then the new files
-  move in, the old ones go, and the new manifest is written.
-- mode=resume: only inputs whose path is not already in the output are processed; the new files
-  move in and the manifest is rewritten to list old and new.
+- mode=error: an existing output (published, or a killed run's `_shards/`) is refused.
+- mode=overwrite: nothing is reused; at the end the manifest goes first (the output reads as
+  incomplete), the new parts move in, the old ones go, and the new manifest is written.
+- mode=resume: the shards already committed (published, or in `_shards/` from a killed run) are
+  reused; only the rest is predicted, and the manifest is rewritten to list old and new.
 """
 
 from __future__ import annotations
@@ -26,31 +27,21 @@ import pyarrow.parquet as pq
 
 from raycv.data.io import resolve, with_scheme
 from raycv.errors import UserError
+from raycv.infer.shards import MASK, SHARDS, committed_parts
 
 MANIFEST = "_raycv_manifest.json"
-# The only names raycv writes in an output folder: it reads and deletes nothing else.
-PART = re.compile(r"part-\d{14}-[0-9a-f]{6}-\d{5,}\.parquet")
-TMP = re.compile(r"_tmp-\d{14}-[0-9a-f]{6}")
+# The only names raycv writes in an output folder: it reads and deletes nothing else. Parts are
+# named after their shard (`part-<shard>-<run>-<n>.parquet`); outputs written before shards have
+# `part-<run>-<n>.parquet`, still read (not resumed).
+_RUN = r"\d{14}-[0-9a-f]{6}"
+PART = re.compile(rf"part-(?:[0-9a-f]{{12}}-\d{{6}}-{_RUN}-[0-9a-f]{{8}}|{_RUN}-\d{{5,}})\.parquet")
+SIDECAR = re.compile(rf"part-[0-9a-f]{{12}}-\d{{6}}-{_RUN}-[0-9a-f]{{8}}\.json")
+PLAN = re.compile(r"plan-[0-9a-f]{12}\.json")
+TMP = re.compile(rf"_tmp-{_RUN}")
 
-
-# Up to this many rows, the exactly-once check reads the ids into the driver (~100 MB at most);
-# above it, Ray counts the distinct ids.
+# Up to this many rows, the duplicate-id check of a Parquet or registry input reads the ids into
+# the driver (~100 MB at most); above it, Ray counts the distinct ids.
 LOCAL_ID_CHECK_ROWS = 1_000_000
-
-
-def _rows_and_nulls(f, column: str) -> tuple[int, int]:
-    """(rows, nulls in `column`) of a Parquet file, from its footer's statistics (the column itself
-    is read only where a row group has none)."""
-    pf = pq.ParquetFile(f)
-    meta = pf.metadata
-    index = next(i for i in range(meta.num_columns) if meta.schema.column(i).path == column)
-    nulls = 0
-    for g in range(meta.num_row_groups):
-        stats = meta.row_group(g).column(index).statistics
-        if stats is None or not stats.has_null_count:
-            return meta.num_rows, pf.read(columns=[column]).column(column).null_count
-        nulls += stats.null_count
-    return meta.num_rows, nulls
 
 
 @dataclass
@@ -60,10 +51,22 @@ class Manifest:
     errors: int = 0
     runs: list[dict] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
+    shards: dict | None = None  # {shard: {"rows", "errors", "digest", "files": [{"name", "rows", "errors", "digest"}]}}
 
     def to_json(self) -> str:
         return json.dumps({"complete": True, "files": self.files, "rows": self.rows, "errors": self.errors,
-                           "runs": self.runs, "metadata": self.metadata}, indent=1)
+                           "runs": self.runs, "metadata": self.metadata, "shards": self.shards}, indent=1)
+
+
+@dataclass
+class Checked:
+    """What a run's shards add up to (`OutputLocation.check_shards`)."""
+    shards: dict  # the manifest's shard table
+    rows: int
+    errors: int
+    reused: int  # rows of parts committed before this run
+    new_rows: int
+    new_errors: int
 
 
 class OutputLocation:
@@ -71,15 +74,16 @@ class OutputLocation:
         self.uri = uri.rstrip("/")
         self.fs, self.path = resolve(self.uri)
         self.run_id = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:6]
-        self.tmp_path = f"{self.path}/_tmp-{self.run_id}"
+        self.shards_path = f"{self.path}/{SHARDS}"
         self.created = False  # set by prepare(): this run made the output folder
-
-    @property
-    def tmp_uri(self) -> str:
-        return with_scheme(self.fs, self.tmp_path, self.uri)
 
     def _info(self, p: str) -> pafs.FileInfo:
         return self.fs.get_file_info(p)
+
+    def _list(self, p: str) -> list[pafs.FileInfo]:
+        if self._info(p).type != pafs.FileType.Directory:
+            return []
+        return self.fs.get_file_info(pafs.FileSelector(p))
 
     def exists(self) -> bool:
         if self._info(self.path).type == pafs.FileType.NotFound:
@@ -97,20 +101,29 @@ class OutputLocation:
         where = with_scheme(self.fs, p, self.uri)
         try:
             d = json.loads(raw.decode())
-            files, rows, errors = d["files"], d["rows"], d["errors"]
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            files, rows, errors, shards = d["files"], d["rows"], d["errors"], d.get("shards")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError):
             raise UserError(f"{where} is not a raycv manifest (unreadable)") from None
-        if not (isinstance(files, list) and isinstance(rows, int) and isinstance(errors, int)):
-            raise UserError(f"{where} is not a raycv manifest (files, rows or errors of the wrong type)")
+        if not (isinstance(files, list) and isinstance(rows, int) and isinstance(errors, int)
+                and (shards is None or isinstance(shards, dict))):
+            raise UserError(f"{where} is not a raycv manifest (files, rows, errors or shards of the wrong type)")
         bad = [n for n in files if not (isinstance(n, str) and PART.fullmatch(n))]
         if bad:
             raise UserError(f"{where} is not a raycv manifest: it lists {bad[0]!r}, not a part file raycv writes")
-        return Manifest(files=files, rows=rows, errors=errors, runs=d.get("runs", []), metadata=d.get("metadata", {}))
+        try:
+            for entry in (shards or {}).values():
+                if not all(p["name"] in files for p in entry["files"]):
+                    raise UserError(f"{where} is not a raycv manifest: a shard lists a file the output does not")
+                [(int(p["rows"]), int(p["digest"])) for p in entry["files"]]
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{where} is not a raycv manifest (its shard table is unreadable)") from None
+        return Manifest(files=files, rows=rows, errors=errors, runs=d.get("runs", []), metadata=d.get("metadata", {}),
+                        shards=shards)
 
     def check(self, mode: str) -> None:
         """Refuse, touching nothing, an output that `mode` may not write into: an existing one with
         mode=error, and whatever the mode one that holds anything raycv did not write (raycv deletes
-        only its own `_tmp-<run>` folders and part files)."""
+        only its own part files, sidecars, plans and `_shards`/`_tmp-<run>` folders)."""
         if not self.exists():
             return
         if mode == "error":
@@ -120,31 +133,41 @@ class OutputLocation:
             name = f.path.rsplit("/", 1)[-1]
             ours = (name == MANIFEST and f.type == pafs.FileType.File) or \
                 (PART.fullmatch(name) and f.type == pafs.FileType.File) or \
-                (TMP.fullmatch(name) and f.type == pafs.FileType.Directory)
+                (TMP.fullmatch(name) and f.type == pafs.FileType.Directory) or \
+                (name == SHARDS and f.type == pafs.FileType.Directory)
             if not ours:
                 raise UserError(f"output {self.uri} holds {name!r}, which raycv did not write; "
                                 f"nothing was changed: choose a new or empty folder for --output")
+        for f in self._list(self.shards_path):
+            name = f.path.rsplit("/", 1)[-1]
+            if f.type != pafs.FileType.File or not (PART.fullmatch(name) or SIDECAR.fullmatch(name)
+                                                    or PLAN.fullmatch(name)):
+                raise UserError(f"output {self.uri} holds {SHARDS}/{name!r}, which raycv did not write; "
+                                f"nothing was changed: choose a new or empty folder for --output")
         self.manifest()  # a manifest raycv did not write is refused here
 
-    def prepare(self, mode: str) -> Manifest | None:
-        """Check the mode against what is there; return the manifest to build on (resume)."""
+    def prepare(self, mode: str) -> tuple[Manifest | None, dict[str, list[dict]]]:
+        """Check the mode against what is there, clear debris; return the manifest to build on and
+        the committed parts per shard (resume; empty otherwise)."""
         self.created = self._info(self.path).type == pafs.FileType.NotFound
         self.check(mode)
+        current = self.manifest() if self.exists() else None
+        if mode == "resume" and current is not None and current.shards is None and current.files:
+            raise UserError(f"output {self.uri} was written by a raycv without input shards and cannot be "
+                            f"resumed; pass infer.mode=overwrite")
         if self.exists():
-            current = self.manifest()
-            if mode == "resume" and current is None:
-                current = Manifest()  # nothing was published: resume is a fresh run
             self._remove_debris(current)
-        else:
-            current = None
         try:
-            self.fs.create_dir(self.tmp_path, recursive=True)
+            self.fs.create_dir(self.shards_path, recursive=True)
         except OSError as e:
             raise UserError(f"cannot write to output {self.uri}: {str(e).splitlines()[0]}") from None
-        return current if mode == "resume" else None
+        if mode != "resume":
+            return None, {}
+        return current or Manifest(), committed_parts(self.fs, self.path, current.shards if current else None)
 
     def _remove_debris(self, current: Manifest | None) -> None:
-        """A crashed run's temp folders and unlisted part files (`check` proved every name is raycv's)."""
+        """A crashed run's temp folders, unlisted part files, and parts in `_shards/` without their
+        sidecar (`check` proved every name is raycv's)."""
         keep = set(current.files if current else [])
         for f in self.fs.get_file_info(pafs.FileSelector(self.path)):
             name = f.path.rsplit("/", 1)[-1]
@@ -152,74 +175,116 @@ class OutputLocation:
                 self.fs.delete_dir(f.path)
             elif f.type == pafs.FileType.File and PART.fullmatch(name) and name not in keep:
                 self.fs.delete_file(f.path)
+        names = {f.path.rsplit("/", 1)[-1] for f in self._list(self.shards_path)}
+        for name in names:
+            if PART.fullmatch(name) and name[:-len(".parquet")] + ".json" not in names:
+                self.fs.delete_file(f"{self.shards_path}/{name}")
 
-    def done_paths(self, current: Manifest | None) -> set[str]:
-        paths: set[str] = set()
-        for name in current.files if current else []:
-            with self.fs.open_input_file(f"{self.path}/{name}") as f:
-                paths.update(pq.read_table(f, columns=["path"]).column("path").to_pylist())
-        return paths
+    def check_shards(self, unit_keys: list[str], written: list[dict]) -> Checked:
+        """Every unit's plan is there, and every planned shard's reused and newly written parts add
+        up to its rows and digest; the driver holds one summary per part, never the ids."""
+        new: dict[str, list[dict]] = {}
+        for w in written:
+            new.setdefault(w["shard"], []).append({k: w[k] for k in ("name", "rows", "errors", "digest")})
+        table, rows = {}, 0
+        errors = reused = new_rows = new_errors = 0
+        for k in unit_keys:
+            p = f"{self.shards_path}/plan-{k}.json"
+            try:
+                with self.fs.open_input_stream(p) as f:
+                    plan = json.loads(f.read().decode())["shards"]
+            except (OSError, ValueError, KeyError) as e:
+                raise UserError(f"the inputs of unit {k} were never listed ({str(e).splitlines()[0]}); "
+                                f"nothing was published") from None
+            for sid, entry in plan.items():
+                parts = [{k2: p2[k2] for k2 in ("name", "rows", "errors", "digest")} | {"where": p2.get("where", "")}
+                         for p2 in entry["reuse"]] + [p2 | {"where": SHARDS} for p2 in new.pop(sid, [])]
+                got = sum(p2["rows"] for p2 in parts)
+                dig = sum(int(p2["digest"]) for p2 in parts) & MASK
+                if got != entry["rows"] or dig != int(entry["digest"]):
+                    raise UserError(f"shard {sid} holds {got} rows for its {entry['rows']} inputs"
+                                    + ("" if got != entry["rows"] else " (other ids)")
+                                    + ", so the output would not hold every input exactly once; nothing was published")
+                e = sum(p2["errors"] for p2 in parts)
+                table[sid] = {"rows": got, "errors": e, "digest": entry["digest"], "files": parts}
+                rows, errors = rows + got, errors + e
+                reused += sum(p2["rows"] for p2 in entry["reuse"])
+                new_rows += got - sum(p2["rows"] for p2 in entry["reuse"])
+                new_errors += e - sum(p2["errors"] for p2 in entry["reuse"])
+        if new:
+            raise UserError(f"rows of shard {next(iter(new))} were written but no listing planned it; nothing was "
+                            f"published")
+        return Checked(table, rows, errors, reused, new_rows, new_errors)
 
-    def written_files(self) -> list[str]:
-        infos = self.fs.get_file_info(pafs.FileSelector(self.tmp_path, recursive=True))
-        return sorted(f.path for f in infos if f.type == pafs.FileType.File and f.path.endswith(".parquet"))
-
-    def count_written(self, expected: int, num_cpus: float) -> tuple[int, int, int]:
-        """(rows, error rows, distinct ids) of what this run wrote into its temporary folder. For up
-        to LOCAL_ID_CHECK_ROWS `expected` rows, the id and error columns are read here (one read per
-        file). Above, rows and errors come from the Parquet footers (row counts, the `error`
-        column's null counts) and Ray counts the distinct ids (a groupby on the id, hash-shuffled
-        across the cluster), so the driver's memory does not grow with N."""
-        files = self.written_files()
-        rows = errors = 0
-        if expected <= LOCAL_ID_CHECK_ROWS:
+    def distinct_ids(self, checked: Checked, num_cpus: float) -> int:
+        """How many distinct ids the output's parts hold (for inputs whose ids may repeat: Parquet,
+        registry). Up to LOCAL_ID_CHECK_ROWS rows the id column is read here; above, Ray counts
+        them (a groupby on the id, hash-shuffled across the cluster)."""
+        files = [self._part_path(p) for entry in checked.shards.values() for p in entry["files"]]
+        if checked.rows <= LOCAL_ID_CHECK_ROWS:
             ids: set = set()
-            for p in files:
-                with self.fs.open_input_file(p) as f:
-                    t = pq.read_table(f, columns=["path", "error"])
-                rows, errors = rows + t.num_rows, errors + t.num_rows - t.column("error").null_count
-                ids.update(t.column("path").to_pylist())
-            return rows, errors, len(ids)
-        for p in files:
-            with self.fs.open_input_file(p) as f:
-                n, ok = _rows_and_nulls(f, "error")
-            rows, errors = rows + n, errors + n - ok
+            for path in files:
+                with self.fs.open_input_file(path) as f:
+                    ids.update(pq.read_table(f, columns=["path"]).column("path").to_pylist())
+            return len(ids)
         from raycv.data.sources import read_parquet_rows
 
         ds, _ = read_parquet_rows([with_scheme(self.fs, p, self.uri) for p in files], ["path"], num_cpus=num_cpus)
-        return rows, errors, ds.groupby("path").count().count()
+        return ds.groupby("path").count().count()
 
-    def publish(self, mode: str, base: Manifest | None, *, rows: int, errors: int, metadata: dict) -> Manifest:
+    def _part_path(self, part: dict) -> str:
+        return f"{self.shards_path}/{part['name']}" if part.get("where") else f"{self.path}/{part['name']}"
+
+    def publish(self, mode: str, base: Manifest | None, checked: Checked, *, metadata: dict) -> Manifest:
         old = self.manifest()
         manifest_path = f"{self.path}/{MANIFEST}"
         if mode == "overwrite" and old is not None:
             self.fs.delete_file(manifest_path)  # from here until the end the output reads as incomplete
-        new_files = []
-        for i, src in enumerate(self.written_files()):
-            name = f"part-{self.run_id}-{i:05d}.parquet"
-            self.fs.move(src, f"{self.path}/{name}")
-            new_files.append(name)
-        if mode == "overwrite" and old is not None:
-            for name in old.files:
-                if self._info(f"{self.path}/{name}").type == pafs.FileType.File:
-                    self.fs.delete_file(f"{self.path}/{name}")
-        self.fs.delete_dir(self.tmp_path)
+        files = []
+        for entry in checked.shards.values():
+            for p in entry["files"]:
+                if p.pop("where", ""):
+                    self.fs.move(f"{self.shards_path}/{p['name']}", f"{self.path}/{p['name']}")
+                files.append(p["name"])
         prev = base or Manifest()
-        manifest = Manifest(files=prev.files + new_files, rows=prev.rows + rows, errors=prev.errors + errors,
-                            runs=prev.runs + [{"run": self.run_id, "mode": mode, "rows": rows, "errors": errors}],
-                            metadata=metadata)
+        manifest = Manifest(files=sorted(files), rows=checked.rows, errors=checked.errors,
+                            runs=prev.runs + [{"run": self.run_id, "mode": mode, "rows": checked.new_rows,
+                                               "reused": checked.reused}],
+                            metadata=metadata, shards=checked.shards)
         with self.fs.open_output_stream(manifest_path) as f:
             f.write(manifest.to_json().encode())
+        listed = set(files)
+        for name in (old.files if old else []):  # replaced: parts of shards predicted again, or overwritten
+            if name not in listed and self._info(f"{self.path}/{name}").type == pafs.FileType.File:
+                self.fs.delete_file(f"{self.path}/{name}")
+        self._clear_shards()
         return manifest
 
-    def abandon(self) -> None:
-        """A failed run leaves the output as it found it: its temp folder goes, and so does the
-        output folder when this run created it and nothing else is in it."""
-        if self._info(self.tmp_path).type == pafs.FileType.Directory:
-            self.fs.delete_dir(self.tmp_path)
+    def _clear_shards(self) -> None:
+        for f in self._list(self.shards_path):
+            name = f.path.rsplit("/", 1)[-1]
+            if f.type == pafs.FileType.File and (PART.fullmatch(name) or SIDECAR.fullmatch(name) or PLAN.fullmatch(name)):
+                self.fs.delete_file(f.path)
+        if self._info(self.shards_path).type == pafs.FileType.Directory and not self._list(self.shards_path):
+            self.fs.delete_dir(self.shards_path)
+
+    def abandon(self, keep: bool = True) -> int:
+        """A failed run keeps the parts it committed (for infer.mode=resume; not with `keep=False`,
+        when the input itself is at fault) and removes the rest of what it wrote; with nothing
+        committed, the output is left as it was found (its folder goes too when this run created it
+        and nothing else is in it). Returns the committed parts kept."""
+        names = {f.path.rsplit("/", 1)[-1] for f in self._list(self.shards_path)}
+        kept = sum(1 for n in names if SIDECAR.fullmatch(n) and n[:-5] + ".parquet" in names) if keep else 0
+        if not kept:
+            self._clear_shards()
+        else:
+            for n in names:
+                if PART.fullmatch(n) and n[:-8] + ".json" not in names:
+                    self.fs.delete_file(f"{self.shards_path}/{n}")
         if self.created and self._info(self.path).type == pafs.FileType.Directory \
                 and not self.fs.get_file_info(pafs.FileSelector(self.path)):
             self.fs.delete_dir(self.path)
+        return kept
 
 
 def read_output(uri: str):

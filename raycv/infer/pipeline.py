@@ -14,13 +14,14 @@ import torch
 from raycv import runtime
 from raycv.config import InferConfig
 from raycv.data.decode import decode_batch
-from raycv.data.io import normalize
+from raycv.data.io import IMAGE_EXTENSIONS, normalize
 from raycv.data.presets import ClassificationEvalPreset, DetectionEvalPreset, SegmentationEvalPreset
 from raycv.errors import UserError, find_storage_error
 from raycv.infer.output import OutputLocation
 from raycv.infer.predictor import PREDICTORS
 from raycv.infer.progress import ProgressLine, RowCounter
 from raycv.infer.schema import file_metadata, output_schema
+from raycv.infer.shards import ShardSink
 from raycv.infer.source import check_input, open_input, registry_data
 from raycv.redact import redact
 from raycv.train import checkpoint as ckpt
@@ -34,7 +35,8 @@ class InferSummary:
     errors: int
     images_per_second: float
     wall_seconds: float
-    skipped_done: int
+    skipped_done: int  # inputs already in committed parts (infer.mode=resume), reused
+    total_rows: int = 0  # rows in the published output: this run's and the reused
     first_prediction_s: float | None = None  # from the start of the run to the first predicted rows (seen within 0.2 s)
 
     def to_json(self) -> dict:
@@ -136,10 +138,10 @@ def run_inference(cfg: InferConfig) -> InferSummary:
     out = OutputLocation(cfg.infer.output)
     out.check(cfg.infer.mode)  # before Ray starts: an output raycv may not write into is refused untouched
     runtime.connect(cfg.run.address, verbose=cfg.run.verbose)
-    base = out.prepare(cfg.infer.mode)
+    base, prior = out.prepare(cfg.infer.mode)
     try:
-        done = out.done_paths(base)
-        inputs = open_input(cfg, done, data)
+        counter = RowCounter.remote()
+        inputs = open_input(cfg, out, prior, counter, data)
         decode_cpus = cfg.data.decode_cpus
         budget = runtime.cpu_budget()
         actor_cpus, threads = plan_actors(cfg, budget.total, decode_cpus, budget.free, budget.largest_node)
@@ -153,17 +155,17 @@ def run_inference(cfg: InferConfig) -> InferSummary:
         predictor_kwargs = dict(checkpoint=spec.checkpoint, model_name=spec.name, model_kwargs=spec.kwargs,
                                 weights=spec.weights, torch_home=torch.hub.get_dir() if spec.weights else None,
                                 classes=spec.classes, preprocess=spec.preprocess.to_dict(), threads=threads,
-                                use_gpu=cfg.infer.use_gpu, schema_metadata=metadata)
+                                use_gpu=cfg.infer.use_gpu, schema_metadata=metadata, counter=counter)
         if spec.task == "classification":
             predictor_kwargs.update(topk=cfg.infer.topk, embedding=cfg.infer.embedding)
         elif spec.task == "detection":
             predictor_kwargs.update(score_threshold=cfg.infer.score_threshold, max_detections=cfg.infer.max_detections)
-        if inputs.count:
-            counter = RowCounter.remote()
-            predictor_kwargs["counter"] = counter
-            progress = ProgressLine(counter, inputs.count, t_start=t0)
+        written: list[dict] = []
+        progress = None
+        if inputs.ds is not None:
+            progress = ProgressLine(counter, len(inputs.unit_keys), t_start=t0)
             preset = spec.preprocess
-            decode = {"geometry": preset.geometry, "shape": preset.shape, "errors": "row", "keep": (),
+            decode = {"geometry": preset.geometry, "shape": preset.shape, "errors": "row", "keep": ("shard",),
                       "with_size": spec.task != "classification"}
             if cfg.infer.decode_in_actor:
                 ds = inputs.ds
@@ -177,32 +179,43 @@ def run_inference(cfg: InferConfig) -> InferSummary:
                 num_cpus=actor_cpus, num_gpus=1 if cfg.infer.use_gpu else 0,
                 **({"resources": dict(cfg.infer.actor_resources)} if cfg.infer.actor_resources else {}),
                 **({"runtime_env": {"env_vars": env}} if (env := runtime.forwarded_env()) else {}))
+            sink = ShardSink(out.uri, out.run_id, output_schema(spec.task, embedding_dim).with_metadata(metadata),
+                             cfg.infer.rows_per_file)
             progress.start()
             try:
-                ds.write_parquet(out.tmp_uri, schema=output_schema(spec.task, embedding_dim).with_metadata(metadata),
-                                 min_rows_per_file=min(cfg.infer.rows_per_file, max(1, inputs.count)))
+                ds.write_datasink(sink, ray_remote_args={"num_cpus": decode_cpus})
+                written = sink.written
             except Exception as e:
                 if (reason := find_storage_error(e)) is None:
                     raise
-                raise UserError(f"cannot write to output {cfg.infer.output}: {reason}; "
-                                f"nothing was published and this run's partial files were removed") from None
+                raise UserError(f"cannot write to output {cfg.infer.output}: {reason}; nothing was published") from None
             finally:
                 progress.finish()
-        rows, errors, distinct = out.count_written(inputs.count, decode_cpus)
-        if rows != inputs.count or distinct != rows:
-            raise UserError(f"inference wrote {rows} rows ({distinct} distinct ids) for {inputs.count} inputs, "
+        checked = out.check_shards(inputs.unit_keys, written)
+        if not checked.rows:
+            raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {cfg.infer.input}")
+        if not inputs.ids_unique and (distinct := out.distinct_ids(checked, decode_cpus)) != checked.rows:
+            out.abandon(keep=False)  # the input is at fault: its parts would fail this check again
+            raise UserError(f"inference wrote {checked.rows} rows ({distinct} distinct ids) for {checked.rows} inputs, "
                             f"so the output would not hold every input exactly once; nothing was published (are "
                             f"the input's ids unique?)")
+        rows, errors = checked.rows, checked.errors
         if rows and errors / rows > cfg.infer.max_error_fraction:
             raise UserError(f"{errors} of {rows} inputs failed to decode ({errors / rows:.1%}), above "
                             f"infer.max_error_fraction={cfg.infer.max_error_fraction}; output not published")
-        out.publish(cfg.infer.mode, base, rows=rows, errors=errors,
+        out.publish(cfg.infer.mode, base, checked,
                     metadata={"checkpoint": spec.checkpoint and redact(spec.checkpoint), "model": spec.name, "classes": spec.classes,
                               "task": spec.task})
+    except UserError as e:
+        if kept := out.abandon():
+            raise UserError(f"{e}; the {kept} parts committed so far are kept: infer.mode=resume continues "
+                            f"from them") from None
+        raise
     except BaseException:
         out.abandon()
         raise
     wall = time.perf_counter() - t0
-    return InferSummary(output=cfg.infer.output, rows=rows, ok=rows - errors, errors=errors,
-                        images_per_second=rows / max(wall, 1e-9), wall_seconds=wall, skipped_done=len(done),
-                        first_prediction_s=progress.first_rows_s if inputs.count else None)
+    return InferSummary(output=cfg.infer.output, rows=checked.new_rows, ok=checked.new_rows - checked.new_errors,
+                        errors=checked.new_errors, images_per_second=checked.new_rows / max(wall, 1e-9),
+                        wall_seconds=wall, skipped_done=checked.reused, total_rows=rows,
+                        first_prediction_s=progress.first_rows_s if progress else None)

@@ -37,6 +37,13 @@ class _Predictor:
         self.counter = counter  # a RowCounter actor, for the driver's progress line
         self.decode = decode  # decode_batch's arguments, when decoding happens here (infer.decode_in_actor)
 
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """The task's output rows, plus the `shard` each input came from (the sink commits by it)."""
+        table = self.predict(batch)
+        if "shard" in batch:
+            table = table.append_column("shard", pa.array(list(batch["shard"]), type=pa.string()))
+        return table
+
     def _inputs(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list, np.ndarray, torch.Tensor | None]:
         """(batch, error per row, mask of the rows that decoded, their normalized images)."""
         if self.decode is not None:
@@ -65,7 +72,7 @@ class ClassificationPredictor(_Predictor):
         self.schema = classification_schema(self.embedding_dim).with_metadata(schema_metadata)
 
     @torch.inference_mode()
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def predict(self, batch: dict[str, np.ndarray]) -> pa.Table:
         batch, errors, ok, x = self._inputs(batch)
         n = len(errors)
         label = [None] * n
@@ -117,7 +124,7 @@ class SegmentationPredictor(_Predictor):
         self.schema = segmentation_schema().with_metadata(schema_metadata)
 
     @torch.inference_mode()
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def predict(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import torch.nn.functional as F
 
         batch, errors, ok, x = self._inputs(batch)
@@ -149,7 +156,7 @@ class DetectionPredictor(_Predictor):
         self.schema = detection_schema().with_metadata(schema_metadata)
 
     @torch.inference_mode()
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+    def predict(self, batch: dict[str, np.ndarray]) -> pa.Table:
         batch, errors, ok, x = self._inputs(batch)
         n = len(errors)
         boxes, labels, indices, scores, heights, widths = ([None] * n for _ in range(6))

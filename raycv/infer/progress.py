@@ -18,22 +18,28 @@ from raycv.progress import Live
 @ray.remote(num_cpus=0)
 class RowCounter:
     def __init__(self):
-        self.rows = 0
+        self.rows = self.total = self.units = 0
 
     def add(self, n: int) -> None:
         self.rows += n
 
-    def value(self) -> int:
-        return self.rows
+    def add_total(self, n: int, units: int) -> None:
+        """From the tasks that list the inputs: `n` more rows to predict, `units` more units listed."""
+        self.total += n
+        self.units += units
+
+    def value(self) -> tuple[int, int, int]:
+        return self.rows, self.total, self.units
 
 
 class ProgressLine(threading.Thread):
     """Polls the row counter and shows it: a bar with rows/s and time left on a terminal, a line
     every 10 s in a log."""
 
-    def __init__(self, counter, total: int, stream=None, every_s: float = 1.0, t_start: float | None = None):
+    def __init__(self, counter, units: int, stream=None, every_s: float = 1.0, t_start: float | None = None):
         super().__init__(daemon=True)
-        self.counter, self.total, self.stop = counter, max(total, 1), threading.Event()
+        self.counter, self.units, self.stop = counter, units, threading.Event()
+        self.total, self.listed = 1, 0  # rows to predict as far as listed, and the units listed so far
         self.live = Live(unit="row", stream=stream, log_every_s=10.0)
         self.every_s = every_s
         self.t0 = time.perf_counter()
@@ -43,14 +49,17 @@ class ProgressLine(threading.Thread):
     def line(self, rows: int) -> str:
         dt = time.perf_counter() - self.t0
         rate = rows / dt if dt > 0 else 0.0
-        left = f"~{(self.total - rows) / rate:.0f}s left" if rate > 0 and rows < self.total else ""
-        return f"infer: {rows}/{self.total} rows ({rows / self.total:.0%}), {rate:,.1f} rows/s {left}".rstrip()
+        listing = self.listed < self.units
+        left = f"~{(self.total - rows) / rate:.0f}s left" if rate > 0 and rows < self.total and not listing else ""
+        of = f"{self.total}+ listed so far" if listing else f"{self.total}"
+        return f"infer: {rows}/{of} rows ({rows / self.total:.0%}), {rate:,.1f} rows/s {left}".rstrip()
 
     def show(self, final: bool = False) -> None:
         try:
-            rows = ray.get(self.counter.value.remote(), timeout=5)
+            rows, total, self.listed = ray.get(self.counter.value.remote(), timeout=5)
         except Exception:  # a slow poll is not worth failing the job for
             return
+        self.total = max(total, rows, 1)
         if rows and self.first_rows_s is None:
             self.first_rows_s = round(time.perf_counter() - self.t_start, 1)
         if final and not self.live.tty:

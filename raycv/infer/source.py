@@ -1,31 +1,34 @@
-"""Inference inputs: an image folder (recursive), a Parquet dataset of encoded images, or a
-registry dataset split (`registry:digits:val`). Local paths or object-storage URIs."""
+"""Inference inputs: an image folder (recursive), a Parquet dataset of encoded images, a Parquet
+manifest of image URIs (`infer.image_column=null`), or a registry dataset split
+(`registry:digits:val`). Local paths or object-storage URIs.
+
+The driver lists only the top level of a folder (or reads the Parquet footers) and hands Ray
+units to list or read (`raycv/infer/shards.py`); a registry split, small, is taken here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
+import json
+
 import pyarrow.parquet as pq
 import ray.data
 
 from raycv.config import DataSection, InferConfig
 from raycv.data import build_dataset, check_source, get_dataset_entry
-from raycv.data.sources import num_blocks, read_parquet_rows
+from raycv.data.sources import num_blocks
 from raycv.data.io import IMAGE_EXTENSIONS, exists, is_dir, list_files, resolve
 from raycv.errors import UserError
+from raycv.infer.output import OutputLocation
+from raycv.infer.shards import EMIT_ROWS, expand_unit, folder_units, parquet_units, plan_rows
 from raycv.redact import HIDDEN
 
 
 @dataclass
-class InputRows:
-    ds: ray.data.Dataset  # rows: path, and bytes when the source carries them
-    count: int
-
-
-def _drop_done(batch: dict, *, done: frozenset) -> dict:
-    keep = [p not in done for p in batch["path"]]
-    return {k: v[keep] for k, v in batch.items()}
+class InputPlan:
+    ds: ray.data.Dataset | None  # rows to predict: path, shard, and bytes when the source carries them
+    unit_keys: list[str]  # one plan file per unit, read back by the check before publishing
+    ids_unique: bool  # a folder's paths are; a Parquet or registry input's ids may repeat
 
 
 def _registry_split(spec: str) -> tuple[str, str]:
@@ -78,42 +81,59 @@ def registry_data(cfg: InferConfig, recorded: dict | None) -> DataSection | None
     return data
 
 
-def open_input(cfg: InferConfig, done: set[str], data: DataSection | None = None) -> InputRows:
-    """`data`: the section a registry input is read with (`registry_data`); `check_input` ran before."""
+def open_input(cfg: InferConfig, out: OutputLocation, prior: dict[str, list[dict]], counter,
+               data: DataSection | None = None) -> InputPlan:
+    """`data`: the section a registry input is read with (`registry_data`); `check_input` ran before.
+    `prior`: the committed parts per shard a resumed run may reuse."""
     spec = cfg.infer.input
+    per_shard = cfg.infer.rows_per_file
     if spec.startswith("registry:"):
         name, split = _registry_split(spec)
         splits = build_dataset(data or cfg.data.model_copy(update={"name": name}))
         ds = splits.val if split == "val" else splits.train
         ds = ds.drop_columns([c for c in ("label", "mask_path", "mask_bytes") if c in ds.columns()])
-        rows = [r for r in ds.take_all() if r["path"] not in done]
-        return InputRows(ray.data.from_items(rows, override_num_blocks=num_blocks(len(rows))), len(rows))
+        todo, unit, _ = plan_rows(ds.take_all(), spec, per_shard, prior, out.fs, out.path)
+        counter.add_total.remote(len(todo), 1)
+        rows = ray.data.from_items(todo, override_num_blocks=num_blocks(len(todo))) if todo else None
+        return InputPlan(rows, [unit["key"]], ids_unique=False)
 
     parquet = spec.endswith(".parquet") or (is_dir(spec) and any(f.endswith(".parquet") for f in list_files(spec)))
     if parquet:
         files = [f for f in list_files(spec) if f.endswith(".parquet")]
-        cpus = cfg.data.decode_cpus
         _check_parquet_columns(spec, files, cfg.infer.path_column, cfg.infer.image_column)
-        ds, count = read_parquet_rows(files, [cfg.infer.path_column, cfg.infer.image_column], num_cpus=cpus)
-        ds = ds.map_batches(_rename, fn_kwargs={"path": cfg.infer.path_column, "image": cfg.infer.image_column},
-                            batch_format="numpy", num_cpus=cpus)
-        if done:
-            ds = ds.map_batches(_drop_done, fn_kwargs={"done": frozenset(done)}, batch_format="numpy", num_cpus=cpus)
-            ds = ds.materialize()
-            count = ds.count()  # materialized: counted from block metadata
-        return InputRows(ds, count)
+        units = parquet_units(files)
+    else:
+        units = folder_units(spec, per_shard)
+        if not units:
+            raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {spec}")
+    by_unit: dict[str, dict] = {}
+    for sid, parts in prior.items():
+        by_unit.setdefault(sid.rsplit("-", 1)[0], {})[sid] = parts
+    items = [{"unit": json.dumps(u), "prior": json.dumps(by_unit.get(u["key"], {}))} for u in units]
+    cpus = cfg.data.decode_cpus
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        expand_unit, batch_size=1, num_cpus=cpus,
+        fn_kwargs={"out_uri": out.uri, "rows_per_shard": per_shard, "path_column": cfg.infer.path_column,
+                   "image_column": cfg.infer.image_column if parquet else None, "counter": counter})
+    return InputPlan(_in_blocks_of(ds, min(EMIT_ROWS, per_shard), num_cpus=cpus), [u["key"] for u in units], ids_unique=not parquet)
 
-    paths = [p for p in list_files(spec, IMAGE_EXTENSIONS) if p not in done]
-    if not paths and not done:
-        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {spec}")
-    rows = [{"path": p} for p in paths]
-    # With nothing left to do (resume), the pipeline is skipped; the dataset is never executed.
-    ds = ray.data.from_items(rows or [{"path": ""}], override_num_blocks=num_blocks(len(rows)))
-    return InputRows(ds, len(rows))
+
+def _in_blocks_of(ds: ray.data.Dataset, rows: int, *, num_cpus: float) -> ray.data.Dataset:
+    """Ray Data joins a task's yields into blocks of up to 128 MiB: a unit's rows (paths) would
+    travel as one block, so predictions would be written, and parts committed, only when the
+    whole unit is done. A streaming repartition cuts them into blocks of `rows`; given the listing
+    task's resources it fuses into that task (Ray would give it a CPU of its own, which the
+    predictors may hold: it would wait forever on a small machine)."""
+    ds = ds.repartition(target_num_rows_per_block=rows)
+    op = ds._logical_plan.dag
+    if isinstance(getattr(op, "ray_remote_args", None), dict):
+        object.__setattr__(op, "ray_remote_args", {"num_cpus": num_cpus})
+    return ds
 
 
-def _check_parquet_columns(spec: str, files: list[str], path_col: str, image_col: str) -> None:
-    """Every file must have the two columns with usable types: fail before any work starts."""
+def _check_parquet_columns(spec: str, files: list[str], path_col: str, image_col: str | None) -> None:
+    """Every file must have the two columns with usable types (a manifest, `image_col` None: the
+    path column, holding each image's path or URI): fail before any work starts."""
     import pyarrow as pa
 
     for f in files:
@@ -122,16 +142,19 @@ def _check_parquet_columns(spec: str, files: list[str], path_col: str, image_col
             schema = pq.read_schema(p, filesystem=fs)
         except Exception as e:
             raise UserError(f"parquet input {f} is unreadable: {str(e).splitlines()[0]}") from None
-        for col, ok, want in ((path_col, lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)
-                               or pa.types.is_integer(t), "string or integer ids"),
-                              (image_col, lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
-                               "binary (encoded image bytes)")):
+        text = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)  # noqa: E731
+        checks = [(path_col, lambda t: text(t) or pa.types.is_integer(t), "string or integer ids")]
+        if image_col is None:
+            checks = [(path_col, text, "string (image paths or URIs: infer.image_column is null)")]
+        else:
+            checks.append((image_col, lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
+                           "binary (encoded image bytes)"))
+        for col, ok, want in checks:
             if col not in schema.names:
                 raise UserError(f"parquet input {f} has no column {col!r} (columns: {', '.join(schema.names)}); "
-                                f"set infer.path_column / infer.image_column")
+                                f"set infer.path_column / infer.image_column (null: the path column holds "
+                                f"image URIs to read)")
             if not ok(schema.field(col).type):
                 raise UserError(f"parquet input {f}: column {col!r} is {schema.field(col).type}, expected {want}")
 
 
-def _rename(batch: dict, *, path: str, image: str) -> dict:
-    return {"path": np.asarray([str(p) for p in batch[path]], dtype=object), "bytes": batch[image]}
