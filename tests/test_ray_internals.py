@@ -36,3 +36,17 @@ def test_private_ray_apis_for_the_tests():
     prepared = ray_internals.validate_cluster_config(
         {"cluster_name": "x", "provider": {"type": "aws", "region": "us-west-2"}, "max_workers": 0})
     assert prepared["max_workers"] == 0 and "available_node_types" in prepared
+
+
+def test_in_blocks_of_fuses_into_the_upstream_map_and_cuts_blocks(ray_session):
+    import ray.data
+
+    from raycv.ray_internals import in_blocks_of
+
+    def rows(batch):
+        yield {"x": list(range(1000))}
+
+    ds = in_blocks_of(ray.data.from_items([{"u": 0}]).map_batches(rows, batch_size=1, num_cpus=0.25), 256,
+                      num_cpus=0.25)
+    assert ds._logical_plan.dag.ray_remote_args == {"num_cpus": 0.25}
+    assert [b.num_rows for b in (ray.get(r) for r in ds.to_arrow_refs())] == [256, 256, 256, 232]

@@ -21,6 +21,7 @@ from raycv.data.io import IMAGE_EXTENSIONS, exists, is_dir, list_files, resolve
 from raycv.errors import UserError
 from raycv.infer.output import OutputLocation
 from raycv.infer.shards import EMIT_ROWS, expand_unit, folder_units, parquet_units, plan_rows
+from raycv.ray_internals import in_blocks_of
 from raycv.redact import HIDDEN
 
 
@@ -115,20 +116,7 @@ def open_input(cfg: InferConfig, out: OutputLocation, prior: dict[str, list[dict
         expand_unit, batch_size=1, num_cpus=cpus,
         fn_kwargs={"out_uri": out.uri, "rows_per_shard": per_shard, "path_column": cfg.infer.path_column,
                    "image_column": cfg.infer.image_column if parquet else None, "counter": counter})
-    return InputPlan(_in_blocks_of(ds, min(EMIT_ROWS, per_shard), num_cpus=cpus), [u["key"] for u in units], ids_unique=not parquet)
-
-
-def _in_blocks_of(ds: ray.data.Dataset, rows: int, *, num_cpus: float) -> ray.data.Dataset:
-    """Ray Data joins a task's yields into blocks of up to 128 MiB: a unit's rows (paths) would
-    travel as one block, so predictions would be written, and parts committed, only when the
-    whole unit is done. A streaming repartition cuts them into blocks of `rows`; given the listing
-    task's resources it fuses into that task (Ray would give it a CPU of its own, which the
-    predictors may hold: it would wait forever on a small machine)."""
-    ds = ds.repartition(target_num_rows_per_block=rows)
-    op = ds._logical_plan.dag
-    if isinstance(getattr(op, "ray_remote_args", None), dict):
-        object.__setattr__(op, "ray_remote_args", {"num_cpus": num_cpus})
-    return ds
+    return InputPlan(in_blocks_of(ds, min(EMIT_ROWS, per_shard), num_cpus=cpus), [u["key"] for u in units], ids_unique=not parquet)
 
 
 def _check_parquet_columns(spec: str, files: list[str], path_col: str, image_col: str | None) -> None:
