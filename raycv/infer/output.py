@@ -175,7 +175,10 @@ class OutputLocation:
                 self.fs.delete_dir(f.path)
             elif f.type == pafs.FileType.File and PART.fullmatch(name) and name not in keep:
                 self.fs.delete_file(f.path)
-        names = {f.path.rsplit("/", 1)[-1] for f in self._list(self.shards_path)}
+        self._remove_uncommitted({f.path.rsplit("/", 1)[-1] for f in self._list(self.shards_path)})
+
+    def _remove_uncommitted(self, names: set[str]) -> None:
+        """Parts in `_shards/` without their sidecar: a write cut short."""
         for name in names:
             if PART.fullmatch(name) and name[:-len(".parquet")] + ".json" not in names:
                 self.fs.delete_file(f"{self.shards_path}/{name}")
@@ -278,9 +281,7 @@ class OutputLocation:
         if not kept:
             self._clear_shards()
         else:
-            for n in names:
-                if PART.fullmatch(n) and n[:-8] + ".json" not in names:
-                    self.fs.delete_file(f"{self.shards_path}/{n}")
+            self._remove_uncommitted(names)
         if self.created and self._info(self.path).type == pafs.FileType.Directory \
                 and not self.fs.get_file_info(pafs.FileSelector(self.path)):
             self.fs.delete_dir(self.path)

@@ -217,9 +217,9 @@ def expand_unit(batch: dict[str, np.ndarray], *, out_uri: str, rows_per_shard: i
 
 
 def plan_rows(rows: list[dict], spec: str, rows_per_shard: int, prior: dict[str, list[dict]], fs,
-              out_path: str) -> tuple[list[dict], dict, int]:
+              out_path: str) -> tuple[list[dict], str]:
     """A registry input's rows (small: they were taken into the driver) planned as expand_unit
-    plans a unit: (rows to predict, with `shard`; the plan; the number of units: 1)."""
+    plans a unit: (rows to predict, with `shard`; the unit's key)."""
     ids = [str(r["path"]) for r in rows]
     k = key("rows:" + spec)
     plan, todo = {}, []
@@ -231,7 +231,7 @@ def plan_rows(rows: list[dict], spec: str, rows_per_shard: int, prior: dict[str,
             if mask is None or mask[j]:
                 todo.append({**r, "shard": sid})
     _write_json(fs, f"{out_path}/{SHARDS}/plan-{k}.json", {"unit": k, "shards": plan})
-    return todo, {"kind": "rows", "key": k}, 1
+    return todo, k
 
 
 # ------------------------------------------------------------------------------------------------

@@ -93,10 +93,10 @@ def open_input(cfg: InferConfig, out: OutputLocation, prior: dict[str, list[dict
         splits = build_dataset(data or cfg.data.model_copy(update={"name": name}))
         ds = splits.val if split == "val" else splits.train
         ds = ds.drop_columns([c for c in ("label", "mask_path", "mask_bytes") if c in ds.columns()])
-        todo, unit, _ = plan_rows(ds.take_all(), spec, per_shard, prior, out.fs, out.path)
+        todo, unit_key = plan_rows(ds.take_all(), spec, per_shard, prior, out.fs, out.path)
         counter.add_total.remote(len(todo), 1)
         rows = ray.data.from_items(todo, override_num_blocks=num_blocks(len(todo))) if todo else None
-        return InputPlan(rows, [unit["key"]], ids_unique=False)
+        return InputPlan(rows, [unit_key], ids_unique=False)
 
     parquet = spec.endswith(".parquet") or (is_dir(spec) and any(f.endswith(".parquet") for f in list_files(spec)))
     if parquet:
