@@ -79,8 +79,8 @@ def end_to_end(work: Path, images: int, use_gpu: bool, batch: int) -> tuple[floa
 
     from raycv.config import load_config
     from raycv.data.presets import ClassificationEvalPreset
-    from raycv.infer.pipeline import run_inference
-    from raycv.train.checkpoint import CheckpointInfo, write_checkpoint
+    from raycv.inference.pipeline import run_inference
+    from raycv.training.checkpoint import CheckpointInfo, write_checkpoint
 
     paths = make_jpegs(work / "images", images)
     info = CheckpointInfo(task="classification", model_name="resnet50", model_kwargs={},
@@ -98,7 +98,7 @@ def end_to_end(work: Path, images: int, use_gpu: bool, batch: int) -> tuple[floa
 
 def _bare_gpu(paths: list[str], checkpoint: Path, batch: int) -> float:
     from raycv.data.decode import open_rgb
-    from raycv.train.checkpoint import load_model
+    from raycv.training.checkpoint import load_model
 
     model, info = load_model(checkpoint)
     model = model.cuda().to(memory_format=torch.channels_last)

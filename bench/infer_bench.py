@@ -46,7 +46,7 @@ def make_checkpoint(directory: Path, size: int, model_name: str = "resnet18") ->
     """An untrained 10-class classifier written as a raycv checkpoint (seeded weights)."""
     from raycv.data.presets import ClassificationEvalPreset
     from raycv.models import get_model
-    from raycv.train.checkpoint import CheckpointInfo, write_checkpoint
+    from raycv.training.checkpoint import CheckpointInfo, write_checkpoint
 
     torch.manual_seed(0)
     model = get_model(model_name, num_classes=10)
@@ -59,7 +59,7 @@ def make_checkpoint(directory: Path, size: int, model_name: str = "resnet18") ->
 def bare_loop(paths: list[str], checkpoint: Path, batch: int) -> float:
     """Decode, eval preset, forward in batches: one process, every core for torch."""
     from raycv.data.decode import open_rgb
-    from raycv.train.checkpoint import load_model
+    from raycv.training.checkpoint import load_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     model, info = load_model(checkpoint)
@@ -78,7 +78,7 @@ def ray_documented(folder: Path, checkpoint: Path, batch: int, out: Path, size: 
     import ray.data
     from torchvision.transforms import v2
 
-    from raycv.train.checkpoint import load_model
+    from raycv.training.checkpoint import load_model
 
     transform = v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size),
                             v2.ToDtype(torch.float32, scale=True),
@@ -105,7 +105,7 @@ def ray_documented(folder: Path, checkpoint: Path, batch: int, out: Path, size: 
 
 def raycv_infer(folder: Path, checkpoint: Path, batch: int, out: Path, *overrides: str) -> float:
     from raycv.config import load_config
-    from raycv.infer.pipeline import run_inference
+    from raycv.inference.pipeline import run_inference
 
     t0 = time.perf_counter()
     run_inference(load_config("infer", None, [f"infer.checkpoint={checkpoint}", f"infer.input={folder}",

@@ -87,7 +87,7 @@ def _rss_mib() -> float:
 def one(checkpoint: str, input: str, output: str, extra: list[str]) -> None:
     """In a fresh process: one `raycv infer` run in this driver; prints one JSON line."""
     from raycv.config import load_config
-    from raycv.infer.pipeline import run_inference
+    from raycv.inference.pipeline import run_inference
 
     t0 = time.perf_counter()
     s = run_inference(load_config("infer", None, [f"infer.checkpoint={checkpoint}", f"infer.input={input}",

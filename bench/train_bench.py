@@ -120,7 +120,7 @@ def raycv_run(workers: int, epochs: int, batch: int, storage: Path, name: str):
     """`raycv train` in the bench's configuration (global batch `batch`, no augmentation, every step
     logged) -> its TrainSummary."""
     from raycv.config import load_config
-    from raycv.train.driver import fit
+    from raycv.training.driver import fit
 
     per_worker = batch // workers  # the same global batch as the bare loop
     return fit(load_config("train", None, [f"scaling.num_workers={workers}", f"train.epochs={epochs}",

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from raycv.config import load_config
-    from raycv.train.driver import fit
+    from raycv.training.driver import fit
 
     cfg = load_config("train", args.config, args.overrides)
     s = fit(cfg)
@@ -117,7 +117,7 @@ def infer_overrides(args) -> list[str]:
 
 def cmd_infer(args) -> int:
     from raycv.config import load_config
-    from raycv.infer.pipeline import run_inference
+    from raycv.inference.pipeline import run_inference
 
     cfg = load_config("infer", args.config, infer_overrides(args))
     s = run_inference(cfg)
@@ -128,7 +128,7 @@ def cmd_infer(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from raycv.infer.evaluate import evaluate_predictions
+    from raycv.inference.evaluate import evaluate_predictions
 
     report = evaluate_predictions(args.predictions, labels=args.labels, output=args.output)
     keys = {"segmentation": ("rows", "scored", "miou", "pixel_accuracy"),
@@ -141,7 +141,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_draw(args) -> int:
-    from raycv.infer.draw import draw_predictions
+    from raycv.inference.draw import draw_predictions
 
     written = draw_predictions(args.predictions, args.output, limit=args.limit, score_threshold=args.score_threshold)
     say(f"drew {len(written)} image(s) into {args.output}")
@@ -225,7 +225,7 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from raycv.train.report import write_report
+    from raycv.training.report import write_report
 
     say(write_report(args.run_dir.rstrip("/")).table())
     return 0

@@ -77,7 +77,7 @@ def digits_run(ray_session, tmp_path_factory):
     from types import SimpleNamespace
 
     from raycv.config import load_config
-    from raycv.train.driver import fit
+    from raycv.training.driver import fit
 
     storage = tmp_path_factory.mktemp("digits-run")
     overrides = [f"run.storage_path={storage}", "run.name=digits-e2e", "train.epochs=2", "scaling.num_workers=2",
@@ -133,7 +133,7 @@ def untrained_checkpoint(path: Path, model: str = "resnet18_cifar", classes: int
     """A freshly initialized model in the raycv checkpoint format: for tests that count rows."""
     from raycv.data.presets import ClassificationEvalPreset
     from raycv.models import get_model
-    from raycv.train import checkpoint as ckpt
+    from raycv.training import checkpoint as ckpt
 
     info = ckpt.CheckpointInfo(task="classification", model_name=model, model_kwargs={},
                                classes=[chr(97 + i) for i in range(classes)],

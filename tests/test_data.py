@@ -14,7 +14,7 @@ from raycv.data.decode import decode_batch, open_rgb
 from raycv.data.presets import ClassificationEvalPreset
 from raycv.data.sources import load_cifar_batch, stratified_split
 from raycv.errors import UserError
-from raycv.train.driver import decoded
+from raycv.training.driver import decoded
 
 PRESET = ClassificationEvalPreset(input_size=16, resize_size=16)
 

@@ -68,7 +68,7 @@ def test_coco_tree_reads_and_letterboxes_boxes(tmp_path):
     with pytest.raises(UserError, match="class index 2 but the classes are 1-1"):
         decode_boxes(batch, preset=preset, num_classes=2)
 
-    from raycv.infer.evaluate import _coco_truth  # where `raycv evaluate` finds the true boxes
+    from raycv.inference.evaluate import _coco_truth  # where `raycv evaluate` finds the true boxes
 
     names, truth = _coco_truth([f"{root}/train2017/000000000000.jpg"], None)  # beside the images, as COCO ships
     assert names == classes and truth[f"{root}/train2017/000000000000.jpg"]["labels"] == [2, 1]
@@ -151,7 +151,7 @@ def test_fine_tuning_from_a_detection_checkpoint_keeps_all_but_the_class_layers(
     """model.init_from with another class count: every weight but the class-predicting layers comes
     from the checkpoint; a segmentation checkpoint is refused."""
     from raycv.models import get_model
-    from raycv.train import checkpoint as ckpt
+    from raycv.training import checkpoint as ckpt
 
     torch.manual_seed(0)
     src = get_model("fcos_small", num_classes=4)
@@ -218,7 +218,7 @@ def _direct_detections(checkpoint: str, paths: list[Path], side: int) -> dict[st
     clipped. -> {path: [(label, score, [x1, y1, x2, y2]), ...]} for every non-background detection."""
     from torchvision.transforms import v2
 
-    from raycv.train.checkpoint import load_model
+    from raycv.training.checkpoint import load_model
 
     model, _ = load_model(checkpoint)
     out = {}
@@ -265,7 +265,7 @@ def _pycocotools_map(annotations: Path, rows) -> tuple[float, float]:
 @pytest.mark.slow
 def test_detection_trains_infers_evaluates_and_draws(ray_session, tmp_path, capsys):
     from raycv.cli import main
-    from raycv.infer.output import read_output
+    from raycv.inference.output import read_output
 
     assert main(["train", *TRAIN, f"run.storage_path={tmp_path}"]) == 0
     out = capsys.readouterr().out

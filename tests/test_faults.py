@@ -13,7 +13,7 @@ from conftest import ray_processes
 from helpers.runs import registered_epochs
 
 from raycv.config import load_config
-from raycv.train.driver import WORKER_MALLOC_ENV, fit
+from raycv.training.driver import WORKER_MALLOC_ENV, fit
 
 
 def _logged(run_dir: Path) -> list[dict]:

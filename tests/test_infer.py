@@ -15,10 +15,10 @@ from raycv.cli import main
 from raycv.config import load_config
 from raycv.data.decode import open_rgb
 from raycv.errors import UserError
-from raycv.infer.evaluate import evaluate_predictions
-from raycv.infer.output import MANIFEST, read_output
-from raycv.infer.pipeline import plan_actors, run_inference
-from raycv.train.checkpoint import load_model
+from raycv.inference.evaluate import evaluate_predictions
+from raycv.inference.output import MANIFEST, read_output
+from raycv.inference.pipeline import plan_actors, run_inference
+from raycv.training.checkpoint import load_model
 
 HERE = Path(__file__).parent  # an input folder that exists (the checkpoint is refused first)
 
@@ -99,7 +99,7 @@ def test_rows_per_file_and_readers_beside_a_live_run(ray_session, checkpoint, di
     """infer.rows_per_file sets how many rows a file holds; while a run is writing, its parts sit in
     <output>/_shards/, and pandas and DuckDB read the published files only (here a real part
     file in the folder a new run on this output writes into)."""
-    from raycv.infer.output import OutputLocation
+    from raycv.inference.output import OutputLocation
 
     out = tmp_path / "one"
     _infer(checkpoint, digit_folder, out, "infer.batch_size=16")
@@ -253,7 +253,7 @@ def test_evaluate_reports_json_and_png(ray_session, checkpoint, digit_folder, tm
     assert other["per_class"]["3"]["support"] == 60
 
     # `raycv draw`: the first rows by path, enlarged to be legible, the predicted label written on them.
-    from raycv.infer.draw import draw_predictions
+    from raycv.inference.draw import draw_predictions
 
     drawn = draw_predictions(str(tmp_path / "out"), str(tmp_path / "drawn"), limit=2)
     first = sorted(table, key=lambda r: r["path"])[0]
@@ -352,7 +352,7 @@ def test_torn_checkpoints_are_refused_instead_of_loading_wrong_weights(checkpoin
     size and SHA-256, so each is refused by name; the intact checkpoint loads."""
     import shutil
 
-    from raycv.train import checkpoint as ckpt
+    from raycv.training import checkpoint as ckpt
 
     a, b = sorted(checkpoint.parent.glob("checkpoint_epoch_*"))[-2:]
     assert (a / "model.pt").stat().st_size == (b / "model.pt").stat().st_size
@@ -385,7 +385,7 @@ def test_checkpoint_killed_mid_write_is_never_taken_for_a_whole_one(tmp_path):
     import sys
     import time
 
-    from raycv.train.checkpoint import read_info
+    from raycv.training.checkpoint import read_info
 
     target = tmp_path / "ckpt"
     child = subprocess.Popen([sys.executable, "-c", f"""
@@ -459,7 +459,7 @@ def test_the_exactly_once_check_refuses_to_publish_duplicate_ids(ray_session, ch
     publishes an output whose ids are distinct."""
     import pyarrow as pa
 
-    from raycv.infer import output
+    from raycv.inference import output
 
     if by_ray:
         monkeypatch.setattr(output, "LOCAL_ID_CHECK_ROWS", 0)

@@ -121,7 +121,7 @@ def test_detection_infers_and_evaluates_as_jobs(head, tmp_path):
     detection is tests/test_detection.py's), so the rows are scored, not judged."""
     from raycv.data.presets import DetectionEvalPreset
     from raycv.models import get_model
-    from raycv.train import checkpoint as ckpt
+    from raycv.training import checkpoint as ckpt
 
     classes = ["background", "circle", "square", "triangle"]
     ckpt.write_checkpoint(tmp_path / "det", get_model("fcos_small", num_classes=4), ckpt.CheckpointInfo(

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import N_MANY
 
-from raycv.infer.output import read_output
+from raycv.inference.output import read_output
 
 HELPER = Path(__file__).parent / "helpers" / "multinode_train.py"
 NODE_LOSS = Path(__file__).parent / "helpers" / "node_loss_infer.py"

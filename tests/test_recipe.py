@@ -18,8 +18,8 @@ from raycv.cli import main
 from raycv.config import load_config
 from raycv.errors import UserError
 from raycv.models import get_model
-from raycv.train import checkpoint as ckpt
-from raycv.train.optim import build_optimizer
+from raycv.training import checkpoint as ckpt
+from raycv.training.optim import build_optimizer
 
 RECIPE = ["train.amp=bf16", "train.channels_last=true", "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0",
           "data.augment=randaugment", "data.random_erasing=0.25", "train.grad_accum_steps=2",

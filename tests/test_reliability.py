@@ -21,8 +21,8 @@ from conftest import N_MANY, ray_processes, untrained_checkpoint
 
 from raycv.cli import main
 from raycv.config import load_config
-from raycv.infer.output import read_output
-from raycv.infer.pipeline import run_inference
+from raycv.inference.output import read_output
+from raycv.inference.pipeline import run_inference
 
 N_IMAGES = N_MANY
 

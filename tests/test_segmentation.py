@@ -162,7 +162,7 @@ def _direct_masks(checkpoint: str, paths: list[Path]) -> dict[str, np.ndarray]:
     import torch.nn.functional as F
     from torchvision.transforms import v2
 
-    from raycv.train.checkpoint import load_model
+    from raycv.training.checkpoint import load_model
 
     model, info = load_model(checkpoint)
     out = {}
@@ -181,7 +181,7 @@ def test_segmentation_trains_infers_evaluates_and_draws(ray_session, tmp_path, c
     import shutil
 
     from raycv.cli import main
-    from raycv.infer.output import read_output
+    from raycv.inference.output import read_output
 
     assert main(["train", *TRAIN, f"run.storage_path={tmp_path}"]) == 0
     out = capsys.readouterr().out

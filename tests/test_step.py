@@ -1,4 +1,4 @@
-"""The training recipe observed in the worker's step function (raycv.train.step, what the Ray
+"""The training recipe observed in the worker's step function (raycv.training.step, what the Ray
 Train loop calls for every batch), built from `train.*` settings as the worker builds it: the
 forward's autocast dtype and memory layout, soft targets under MixUp/CutMix, how often the
 optimizer steps under accumulation, the gradient norm it steps with under clipping, label
@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from raycv.config import load_config
-from raycv.train.batches import AugmentCollate
-from raycv.train.driver import make_presets
-from raycv.train.optim import build_loss, build_optimizer, build_scheduler
-from raycv.train.precision import Precision
-from raycv.train.step import build_stepper
+from raycv.training.batches import AugmentCollate
+from raycv.training.driver import make_presets
+from raycv.training.optim import build_loss, build_optimizer, build_scheduler
+from raycv.training.precision import Precision
+from raycv.training.step import build_stepper
 
 NUM_CLASSES = 5
 

@@ -11,8 +11,8 @@ from raycv.cli import main
 from raycv.config import load_config
 from raycv.errors import UserError
 from raycv.runtime import plan_worker_resources
-from raycv.train.checkpoint import load_model, read_info
-from raycv.train.driver import WORKER_MALLOC_ENV, fit, worker_malloc_env
+from raycv.training.checkpoint import load_model, read_info
+from raycv.training.driver import WORKER_MALLOC_ENV, fit, worker_malloc_env
 
 
 def _epochs(run_dir: Path) -> list[dict]:
@@ -131,7 +131,7 @@ def _fit_within(cfg, seconds: float):
 
 def test_shard_cache_serves_every_row_once_per_epoch_in_fresh_order():
     from raycv.data.presets import ClassificationTrainPreset
-    from raycv.train.batches import AugmentCollate, ShardCache
+    from raycv.training.batches import AugmentCollate, ShardCache
 
     cache = ShardCache(limit_bytes=1e6)
     collate = AugmentCollate(ClassificationTrainPreset(input_size=4, resize_size=4, augment="none"), cache)
@@ -184,7 +184,7 @@ class _Terminal(io.StringIO):
 def test_the_driver_shows_epoch_lines_and_progress_within_an_epoch(tmp_path, stream):
     """From rank 0's files: a finished epoch is one line; the running epoch a bar on a terminal,
     a plain line (every 30 s; here at once) in a log, with images/s and the time left."""
-    from raycv.train.progress import TrainProgress
+    from raycv.training.progress import TrainProgress
 
     done = {"epoch": 1, "epochs": 3, "train_loss": 1.5, "val_loss": 0.9, "val_accuracy": 0.7, "val_top5": 0.99,
             "images_per_second": 500.0, "train_seconds": 2.0, "val_seconds": 1.0, "time": 100.0}

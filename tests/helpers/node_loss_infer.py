@@ -21,7 +21,7 @@ def main(checkpoint: str, images: str, output: str) -> None:
         import ray
 
         from raycv.config import load_config
-        from raycv.infer.pipeline import run_inference
+        from raycv.inference.pipeline import run_inference
 
         cfg = load_config("infer", None, [
             f"infer.checkpoint={checkpoint}", f"infer.input={images}", f"infer.output={output}",

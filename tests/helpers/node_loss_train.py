@@ -24,7 +24,7 @@ def main(storage: str, *overrides: str) -> None:
         import ray
 
         from raycv.config import load_config
-        from raycv.train.driver import fit
+        from raycv.training.driver import fit
 
         cfg = load_config("train", None, [*overrides, f"run.storage_path={storage}", f"run.address={cluster.address}"])
         run_dir = Path(storage) / cfg.run.name

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from raycv.errors import UserError
-from raycv.infer.output import OutputLocation, read_output
+from raycv.inference.output import OutputLocation, read_output
 
 MIN_SIDE = 256  # smaller images are enlarged (nearest) to at least this before drawing
 

@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 
 from raycv.data.presets import IGNORE_INDEX, ClassificationEvalPreset, DetectionEvalPreset, SegmentationEvalPreset
-from raycv.train.batches import AugmentCollate, BoxCollate, PairCollate, box_targets
-from raycv.train.optim import correct_topk
-from raycv.train.precision import Precision
+from raycv.training.batches import AugmentCollate, BoxCollate, PairCollate, box_targets
+from raycv.training.optim import correct_topk
+from raycv.training.precision import Precision
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

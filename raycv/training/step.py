@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from raycv.config import TrainSection
-from raycv.train.optim import build_batch_mix, build_loss
-from raycv.train.precision import Precision
+from raycv.training.optim import build_batch_mix, build_loss
+from raycv.training.precision import Precision
 
 
 def no_sync(model: nn.Module, skip: bool):

@@ -24,7 +24,7 @@ import numpy as np
 
 from raycv.data import io as fsio
 from raycv.errors import UserError
-from raycv.infer.output import OutputLocation, read_output
+from raycv.inference.output import OutputLocation, read_output
 
 
 def _true_labels(paths: list[str], labels: str | None) -> list[str | None]:

@@ -1,7 +1,7 @@
 """Complete, exactly-once Parquet outputs.
 
 An output folder holds part files and `_raycv_manifest.json`, written last: the manifest lists the
-files that make up the output, its row counts, and per input shard (`raycv/infer/shards.py`) the
+files that make up the output, its row counts, and per input shard (`raycv/inference/shards.py`) the
 parts that hold it. An output without a manifest is incomplete; a part file the manifest does not
 list is never read. While a run works, its parts are committed one by one in `<output>/_shards/`
 (readers skip `_` names) and stay there if the run dies; the output is published only after every
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from raycv.data.io import resolve, with_scheme
 from raycv.errors import UserError
-from raycv.infer.shards import MASK, SHARDS, committed_parts
+from raycv.inference.shards import MASK, SHARDS, committed_parts
 
 MANIFEST = "_raycv_manifest.json"
 # The only names raycv writes in an output folder: it reads and deletes nothing else. Parts are

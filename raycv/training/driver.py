@@ -25,9 +25,9 @@ from raycv.data.presets import (ClassificationEvalPreset, ClassificationTrainPre
 from raycv.errors import UserError
 from raycv.models import get_model, get_model_entry
 from raycv.redact import redact, redact_tree
-from raycv.train.tracking import METRICS_LOG
-from raycv.train.entry import ExactValSplit, train_loop
-from raycv.train.progress import TrainProgress
+from raycv.training.tracking import METRICS_LOG
+from raycv.training.entry import ExactValSplit, train_loop
+from raycv.training.progress import TrainProgress
 
 
 @dataclass
@@ -179,7 +179,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
     train_preset, eval_preset = make_presets(cfg, splits.mean, splits.std, task)
     model = get_model(cfg.model.name, num_classes=len(splits.classes), weights=cfg.model.weights, **cfg.model.kwargs)
     if cfg.model.init_from:  # fail here, not in the workers
-        from raycv.train.checkpoint import init_from_checkpoint
+        from raycv.training.checkpoint import init_from_checkpoint
 
         init_from_checkpoint(model, cfg.model.init_from, task)
     echo(f"raycv: {cfg.model.name} on {cfg.data.name} ({splits.num_train} train / {splits.num_val} val images, "
@@ -243,7 +243,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
     )
     summary.early_stopped = summary.epochs < cfg.train.epochs
     try:
-        from raycv.train.report import write_report
+        from raycv.training.report import write_report
 
         summary.curves = write_report(run_dir).plot
     except Exception as e:  # a plot is not worth failing a finished run
@@ -333,7 +333,7 @@ def _mlflow_artifacts(tracking_uri: str, run_dir: str, echo: Callable[[str], Non
     import os
     import tempfile
 
-    from raycv.train.tracking import MLFLOW_RUN_ID, allow_file_store
+    from raycv.training.tracking import MLFLOW_RUN_ID, allow_file_store
 
     run_id = (fsio.read_text(fsio.join(run_dir, MLFLOW_RUN_ID)) or "").strip()
     if not run_id:
@@ -368,7 +368,7 @@ def _uri(checkpoint, storage: str) -> str | None:
 
 def _latest_checkpoint_epoch(run_dir: str) -> int:
     """The epoch a re-run resumes from: Ray Train always keeps the latest checkpoint (0: none)."""
-    from raycv.train.checkpoint import META_FILE
+    from raycv.training.checkpoint import META_FILE
 
     epochs = []
     for name in fsio.list_names(run_dir):

@@ -13,9 +13,9 @@ import torch
 
 from raycv.data.decode import decode_batch
 from raycv.data.presets import eval_preset_from_dict
-from raycv.infer.schema import classification_schema, detection_schema, segmentation_schema
+from raycv.inference.schema import classification_schema, detection_schema, segmentation_schema
 from raycv.models import get_model, last_linear_name
-from raycv.train.checkpoint import load_model
+from raycv.training.checkpoint import load_model
 
 
 class _Predictor:

@@ -22,14 +22,14 @@ from raycv.config import TrainConfig
 from raycv.data.presets import (ClassificationEvalPreset, ClassificationTrainPreset, DetectionEvalPreset,
                                 DetectionTrainPreset, SegmentationEvalPreset, SegmentationTrainPreset)
 from raycv.models import get_model
-from raycv.train import checkpoint as ckpt
-from raycv.train.batches import AugmentCollate, BoxCollate, PairCollate, ShardCache, box_targets
-from raycv.train.evaluation import all_reduce_sum, evaluate, evaluate_detection, evaluate_segmentation
-from raycv.train.optim import build_optimizer, build_scheduler
-from raycv.train.precision import Precision
-from raycv.train.step import build_stepper
+from raycv.training import checkpoint as ckpt
+from raycv.training.batches import AugmentCollate, BoxCollate, PairCollate, ShardCache, box_targets
+from raycv.training.evaluation import all_reduce_sum, evaluate, evaluate_detection, evaluate_segmentation
+from raycv.training.optim import build_optimizer, build_scheduler
+from raycv.training.precision import Precision
+from raycv.training.step import build_stepper
 from raycv.redact import redact_tree
-from raycv.train.tracking import RunLogger, flatten
+from raycv.training.tracking import RunLogger, flatten
 
 
 def _worker_nodes(rank: int, world: int) -> list[str]:

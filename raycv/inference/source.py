@@ -3,7 +3,7 @@ manifest of image URIs (`infer.image_column=null`), or a registry dataset split
 (`registry:digits:val`). Local paths or object-storage URIs.
 
 The driver lists only the top level of a folder (or reads the Parquet footers) and hands Ray
-units to list or read (`raycv/infer/shards.py`); a registry split, small, is taken here."""
+units to list or read (`raycv/inference/shards.py`); a registry split, small, is taken here."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from raycv.data import build_dataset, check_source, get_dataset_entry
 from raycv.data.sources import num_blocks
 from raycv.data.io import IMAGE_EXTENSIONS, exists, is_dir, list_files, resolve
 from raycv.errors import UserError
-from raycv.infer.output import OutputLocation
-from raycv.infer.shards import EMIT_ROWS, expand_unit, folder_units, parquet_units, plan_rows
+from raycv.inference.output import OutputLocation
+from raycv.inference.shards import EMIT_ROWS, expand_unit, folder_units, parquet_units, plan_rows
 from raycv.ray_internals import in_blocks_of
 from raycv.redact import HIDDEN
 

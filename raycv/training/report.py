@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from raycv.data import io as fsio
 from raycv.errors import UserError
 from raycv.tasks import shown
-from raycv.train.tracking import METRICS_LOG
+from raycv.training.tracking import METRICS_LOG
 
 CURVES = "curves.png"
 

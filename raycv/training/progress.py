@@ -13,7 +13,7 @@ from typing import Callable
 from raycv import tasks
 from raycv.data import io as fsio
 from raycv.progress import Live
-from raycv.train.tracking import METRICS_LOG, PROGRESS
+from raycv.training.tracking import METRICS_LOG, PROGRESS
 
 
 class TrainProgress(threading.Thread):

@@ -1,8 +1,8 @@
 """What Ray Train's controller unpickles, in a module that is cheap to import.
 
 The controller actor unpickles the training function and the dataset config. Module-level objects
-are pickled by reference, so unpickling imports their modules: `raycv.train.worker` or
-`raycv.train.driver` pull in torchvision and raycv's model registry (~2 s of CPU, measured), on the
+are pickled by reference, so unpickling imports their modules: `raycv.training.worker` or
+`raycv.training.driver` pull in torchvision and raycv's model registry (~2 s of CPU, measured), on the
 critical path of every run's start. This module imports only Ray Train's DataConfig; the workers
 import the real loop when they call it."""
 
@@ -18,7 +18,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     for name in ("train", "val"):  # the first call splits the dataset: its actors start while the imports below run
         ray.train.get_dataset_shard(name)
-    from raycv.train.worker import train_loop_per_worker
+    from raycv.training.worker import train_loop_per_worker
 
     train_loop_per_worker(config)
 

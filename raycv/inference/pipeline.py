@@ -17,14 +17,14 @@ from raycv.data.decode import decode_batch
 from raycv.data.io import IMAGE_EXTENSIONS, normalize
 from raycv.data.presets import ClassificationEvalPreset, DetectionEvalPreset, SegmentationEvalPreset
 from raycv.errors import UserError, find_storage_error
-from raycv.infer.output import OutputLocation
-from raycv.infer.predictor import PREDICTORS
-from raycv.infer.progress import ProgressLine, RowCounter
-from raycv.infer.schema import file_metadata, output_schema
-from raycv.infer.shards import ShardSink
-from raycv.infer.source import check_input, open_input, registry_data
+from raycv.inference.output import OutputLocation
+from raycv.inference.predictor import PREDICTORS
+from raycv.inference.progress import ProgressLine, RowCounter
+from raycv.inference.schema import file_metadata, output_schema
+from raycv.inference.shards import ShardSink
+from raycv.inference.source import check_input, open_input, registry_data
 from raycv.redact import redact
-from raycv.train import checkpoint as ckpt
+from raycv.training import checkpoint as ckpt
 
 
 @dataclass
