@@ -234,6 +234,33 @@ def test_parquet_and_registry_inputs(ray_session, checkpoint, digit_folder, tmp_
     assert s.rows == 359 and s.errors == 0
 
 
+def test_a_manifest_of_paths_is_read_in_ray(ray_session, checkpoint, digit_folder, tmp_path):
+    """`infer.image_column=null`: a Parquet manifest whose path column names the images (absolute,
+    or relative to the manifest's folder, which is not the decode tasks' working directory). The
+    rows keep the manifest's ids and match the folder input's predictions; a missing file is an
+    error row."""
+    import pyarrow as pa
+
+    pngs = sorted(digit_folder.rglob("*.png"))[:10]
+    (tmp_path / "m" / "rel").mkdir(parents=True)
+    for p in pngs[5:]:
+        (tmp_path / "m" / "rel" / f"{p.parent.name}-{p.name}").write_bytes(p.read_bytes())
+    ids = [str(p) for p in pngs[:5]] + [f"rel/{p.parent.name}-{p.name}" for p in pngs[5:]] + ["rel/missing.png"]
+    pq.write_table(pa.table({"path": ids}), tmp_path / "m" / "manifest.parquet")
+    s = _infer(checkpoint, tmp_path / "m" / "manifest.parquet", tmp_path / "out", "infer.image_column=null",
+               "infer.max_error_fraction=0.5")
+    assert (s.rows, s.errors) == (11, 1)
+    got = read_output(str(tmp_path / "out")).to_pandas().set_index("path")
+    assert sorted(got.index) == sorted(ids)
+    assert "No such file" in got.loc["rel/missing.png", "error"] or "not found" in got.loc["rel/missing.png", "error"]
+    expected = _plain_loop(checkpoint, [str(p) for p in pngs])
+    for i, p in zip(ids, pngs):
+        assert got.loc[i, "label"] == expected[str(p)][0] and got.loc[i, "score"] == pytest.approx(expected[str(p)][1], abs=1e-5)
+    with pytest.raises(UserError, match="expected string"):  # a manifest's path column holds paths, not bytes
+        pq.write_table(pa.table({"path": [b"x"]}), tmp_path / "bad.parquet")
+        _infer(checkpoint, tmp_path / "bad.parquet", tmp_path / "o2", "infer.image_column=null")
+
+
 def test_evaluate_reports_json_and_png(ray_session, checkpoint, digit_folder, tmp_path):
     _infer(checkpoint, digit_folder, tmp_path / "out")
     report = evaluate_predictions(str(tmp_path / "out"), output=str(tmp_path / "eval"))

@@ -66,7 +66,7 @@ def decode_batch(
     with_path: bool = True,
     with_size: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Ray Data map_batches fn: rows with `bytes` (or `image` HWC uint8, or only `path`) ->
+    """Ray Data map_batches fn: rows with `bytes` (or `image` HWC uint8, or a `path` or `uri` to read) ->
     `image` (N, C, H, W) uint8 after the preset's geometry (each of `shape`), plus the `keep` columns
     (and `path` unless `with_path=False`: dropping columns here, not in a `select_columns` stage,
     avoids a separate whole-CPU task that cannot run beside training workers on a small machine).
@@ -87,7 +87,7 @@ def decode_batch(
                 img = Image.fromarray(np.asarray(batch["image"][i], dtype=np.uint8)).convert("RGB")
             else:
                 data = batch["bytes"][i] if "bytes" in batch else None
-                img = open_rgb(data if data is not None else read_bytes(str(path)))
+                img = open_rgb(data if data is not None else read_bytes(str(batch["uri"][i] if "uri" in batch else path)))
             sizes.append((img.height, img.width))
             images.append(np.asarray(geometry(img)))
             messages.append(None)

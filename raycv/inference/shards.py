@@ -180,11 +180,13 @@ def expand_unit(batch: dict[str, np.ndarray], *, out_uri: str, rows_per_shard: i
                 image_column: str | None, counter=None) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data map_batches fn (batch_size=1, one unit per call): list or read the unit, plan its
     shards (written to `_shards/plan-<key>.json` before any row is yielded), and yield the rows
-    still to predict: `path`, `shard` (and `bytes` for a Parquet input that holds them)."""
+    still to predict: `path`, `shard`, and `bytes` for a Parquet input that holds them, or for a
+    manifest whose paths are relative, `uri`: each path joined to the manifest file's folder (the
+    decode tasks do not run in the user's working directory; the id stays as the manifest wrote it)."""
     unit = json.loads(str(batch["unit"][0]))
     prior: dict[str, list[dict]] = json.loads(str(batch["prior"][0]))
     fs, out_path = resolve(out_uri)
-    data = None
+    data, uris = None, None
     if unit["kind"] == "files":
         ids = list(unit["items"])
     elif unit["kind"] == "dirs":
@@ -195,6 +197,9 @@ def expand_unit(batch: dict[str, np.ndarray], *, out_uri: str, rows_per_shard: i
             cols = [path_column] + ([image_column] if image_column else [])
             data = pq.ParquetFile(f).read_row_group(int(unit["row_group"]), columns=cols)
         ids = [str(i) for i in data.column(path_column).to_pylist()]
+        if not image_column and not all(_absolute(i) for i in ids):
+            base = unit["items"][0].rsplit("/", 1)[0]
+            uris = [i if _absolute(i) else f"{base}/{i}" for i in ids]
     plan, todo = {}, []
     for index, start in enumerate(range(0, len(ids), rows_per_shard)):
         sid = shard_id(unit["key"], index)
@@ -213,7 +218,14 @@ def expand_unit(batch: dict[str, np.ndarray], *, out_uri: str, rows_per_shard: i
                    "shard": np.asarray([sid] * len(take), dtype=object)}
             if data is not None and image_column:
                 out["bytes"] = data.column(image_column).take(pa.array(take)).to_numpy(zero_copy_only=False)
+            elif uris is not None:
+                out["uri"] = np.asarray([uris[j] for j in take], dtype=object)
             yield out
+
+
+def _absolute(path: str) -> bool:
+    """A URI (`s3://...`, `file://...`) or an absolute local path."""
+    return "://" in path or path.startswith("/")
 
 
 def plan_rows(rows: list[dict], spec: str, rows_per_shard: int, prior: dict[str, list[dict]], fs,
