@@ -1,4 +1,5 @@
-"""`raycv train | infer | evaluate | draw | submit | jobs | report | models | datasets`: parse, call, exit.
+"""`raycv train | infer | predict | export | evaluate | draw | submit | jobs | report | models | datasets`: parse,
+call the Python API (`raycv/api.py`), exit.
 
 Every job verb takes `--config FILE` and dotted `key=value` overrides. A user error prints one
 line on stderr and exits with status 2, never a traceback.
@@ -8,14 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
 from typing import Callable
 
+from raycv import api
 from raycv.errors import UserError, find_user_error
 
 EXIT_USER_ERROR = 2
+PREDICT_LIMIT = 1000  # images `raycv predict` takes; a bigger job is `raycv infer`'s
+OVERRIDE = re.compile(r"^[a-z_]+(\.[a-z_]+)+=")  # a dotted key=value among `raycv predict`'s images
 
 
 def say(text: str = "", **kwargs) -> None:
@@ -40,6 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="a raycv checkpoint, or a run directory (its best checkpoint)")
     p.add_argument("--input", help="image folder, Parquet dataset, or registry:<dataset>[:train|val]")
     p.add_argument("--output", help="Parquet output directory")
+    p.add_argument("--json", action="store_true", help="end with the run's summary as one JSON line (rows, rates, "
+                                                       "where the start-up went)")
+    p = sub.add_parser("predict", help="predict a few images in this process (no Ray), one line each",
+                       description="Load a checkpoint here and print one line per image: top-k with scores, "
+                                   "boxes, or class shares. For more than --limit images, use `raycv infer`.")
+    p.add_argument("--checkpoint", required=True, help="a raycv checkpoint, or a run directory (its best checkpoint)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (recursive) or globs; "
+                                                               "infer.* settings among them, e.g. infer.topk=3")
+    p.add_argument("--json", action="store_true", help="one JSON object per image (the Parquet row's fields; "
+                                                       "segmentation masks left out)")
+    p.add_argument("--limit", type=int, default=PREDICT_LIMIT, help=f"refuse more images than this (default {PREDICT_LIMIT})")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p = sub.add_parser("export", help="write a checkpoint as ONNX, TorchScript or safetensors, checked on the spot",
+                       description="Export a checkpoint's model with its classes and preprocessing (ONNX metadata and "
+                                   "a sidecar JSON), then run the export beside the PyTorch model on sample inputs "
+                                   "and print the largest difference.")
+    p.add_argument("--checkpoint", required=True, help="a raycv checkpoint, or a run directory (its best checkpoint)")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"])
+    p.add_argument("--output", help="the file to write (default: <checkpoint name>.onnx / .pt / .safetensors)")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="largest difference accepted (default 1e-3)")
     p = sub.add_parser("evaluate", help="score predictions against a labelled source")
     p.add_argument("--predictions", required=True, help="Parquet predictions written by `raycv infer`")
     p.add_argument("--labels", help="labelled source (default: found from the images' paths): classification, a Parquet "
@@ -80,10 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from raycv.config import load_config
-    from raycv.training.driver import fit
 
     cfg = load_config("train", args.config, args.overrides)
-    s = fit(cfg)
+    s = api.train(args.config, args.overrides)
     ips = f"{s.images_per_second:,.0f}" if s.images_per_second else "n/a"
     if s.task == "classification":
         acc = f"{s.val_accuracy:.4f}" if s.val_accuracy is not None else "n/a"
@@ -116,21 +140,65 @@ def infer_overrides(args) -> list[str]:
 
 
 def cmd_infer(args) -> int:
-    from raycv.config import load_config
-    from raycv.inference.pipeline import run_inference
-
-    cfg = load_config("infer", args.config, infer_overrides(args))
-    s = run_inference(cfg)
+    s = api.infer(config=args.config, overrides=infer_overrides(args))
     say(f"done: {s.rows} rows ({s.ok} ok, {s.errors} errors), {s.images_per_second:,.1f} images/s, "
           f"{s.wall_seconds:.0f} s")
     say(f"predictions: {s.output}")
+    if getattr(args, "json", False):
+        say(json.dumps(s.to_json()))
+    return 0
+
+
+def _predict_line(row: dict, task: str) -> str:
+    if row.get("error"):
+        return f"{row['path']}  error: {row['error']}"
+    if task == "classification":
+        top = ", ".join(f"{label} {score:.3f}" for label, score in zip(row["topk_labels"], row["topk_scores"]))
+        return f"{row['path']}  {row['label']} {row['score']:.3f}  (top-{len(row['topk_labels'])}: {top})"
+    if task == "detection":
+        boxes = "; ".join(f"{label} {score:.2f} [{', '.join(f'{v:.0f}' for v in box)}]"
+                          for label, score, box in zip(row["labels"], row["scores"], row["boxes"]))
+        return f"{row['path']}  {len(row['boxes'])} box(es){': ' + boxes if boxes else ''}"
+    return row["path"] + "  " + row["shares"]
+
+
+def cmd_predict(args) -> int:
+    import time
+
+    t0 = time.perf_counter()
+    overrides = [a for a in args.images if OVERRIDE.match(a)]
+    paths = api.expand_images([a for a in args.images if not OVERRIDE.match(a)])
+    if len(paths) > args.limit:
+        raise UserError(f"{len(paths)} images: raycv predict is for a few (--limit {args.limit}); run "
+                        f"`raycv infer --checkpoint {args.checkpoint} --input FOLDER --output OUT` for a big set")
+    predictor = api.load(args.checkpoint, device=args.device, overrides=overrides)
+    for row in predictor(paths):
+        if predictor.task == "segmentation":
+            row.pop("mask_png", None)
+            fractions = row.get("class_fractions") or []
+            share = sorted(zip(predictor.classes, fractions), key=lambda cf: -cf[1])
+            row["shares"] = f"{row.get('height')}x{row.get('width')}: " + ", ".join(
+                f"{c} {f:.0%}" for c, f in share if f >= 0.005)
+        if args.json:
+            row.pop("shares", None)
+            say(json.dumps(row))
+        else:
+            say(_predict_line(row, predictor.task))
+    say(f"{len(paths)} image(s) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from raycv.export import export_checkpoint
+
+    s = export_checkpoint(args.checkpoint, args.format, args.output, tolerance=args.tolerance)
+    say(f"exported {s.model} ({s.task}) as {s.format}: {s.output} ({s.size_mb:.1f} MB), metadata in {s.sidecar}")
+    say(f"checked with {s.checked_with}: max |difference| from the PyTorch model {s.max_abs_diff:.2e}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from raycv.inference.evaluate import evaluate_predictions
-
-    report = evaluate_predictions(args.predictions, labels=args.labels, output=args.output)
+    report = api.evaluate(args.predictions, labels=args.labels, output=args.output)
     keys = {"segmentation": ("rows", "scored", "miou", "pixel_accuracy"),
             "detection": ("rows", "scored", "map", "map_50", "map_75", "mar_100")}.get(report["task"],
                                                                                      ("rows", "scored", "top1", "top5"))
@@ -247,13 +315,18 @@ def cmd_datasets(args) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable] = {"train": cmd_train, "infer": cmd_infer, "evaluate": cmd_evaluate, "draw": cmd_draw,
-                                 "submit": cmd_submit, "jobs": cmd_jobs, "report": cmd_report, "models": cmd_models,
-                                 "datasets": cmd_datasets}
+COMMANDS: dict[str, Callable] = {"train": cmd_train, "infer": cmd_infer, "predict": cmd_predict,
+                                 "export": cmd_export, "evaluate": cmd_evaluate, "draw": cmd_draw, "submit": cmd_submit, "jobs": cmd_jobs,
+                                 "report": cmd_report, "models": cmd_models, "datasets": cmd_datasets}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.verb == "predict" and not any(e.startswith("-") for e in extra):  # images and overrides after an option: `predict --json a.png`
+        args.images += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.verb](args)
     except (UserError, FileNotFoundError) as e:

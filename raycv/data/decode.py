@@ -83,8 +83,9 @@ def decode_batch(
     sizes: list[tuple[int, int]] = []
     for i, path in enumerate(paths):
         try:
-            if "image" in batch:
-                img = Image.fromarray(np.asarray(batch["image"][i], dtype=np.uint8)).convert("RGB")
+            array = batch["image"][i] if "image" in batch else None  # None: this row is read from its path
+            if array is not None:
+                img = Image.fromarray(np.asarray(array, dtype=np.uint8)).convert("RGB")
             else:
                 data = batch["bytes"][i] if "bytes" in batch else None
                 img = open_rgb(data if data is not None else read_bytes(str(batch["uri"][i] if "uri" in batch else path)))

@@ -5,7 +5,8 @@ the output only when every input is accounted for."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import ray
 import ray.data
@@ -38,6 +39,11 @@ class InferSummary:
     skipped_done: int  # inputs already in committed parts (infer.mode=resume), reused
     total_rows: int = 0  # rows in the published output: this run's and the reused
     first_prediction_s: float | None = None  # from the start of the run to the first predicted rows (seen within 0.2 s)
+    # Where the time to the first prediction went, in seconds from the process's start: `run`
+    # (run_inference called: the interpreter and imports), `ray` (connected to or started Ray),
+    # `actor_init` / `actor_ready` (the first predictor's __init__ began, and ended with its model
+    # loaded), `first_prediction`.
+    startup: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -54,6 +60,7 @@ class ModelSpec:
     embedding_dim: int  # input features of the classifier head: the `embedding` column's size (0: none)
     task: str = "classification"
     data: dict | None = None  # the data section the checkpoint was trained with (its recorded config)
+    model: Any = None  # the model as loaded here (checked, on CPU); the actors load their own
 
 
 def load_spec(cfg: InferConfig) -> ModelSpec:
@@ -62,7 +69,7 @@ def load_spec(cfg: InferConfig) -> ModelSpec:
         model, info = ckpt.load_model(directory)  # fail here, not in the actors: files present, weights fit
         ckpt.check_runs(model, info, directory)
         return ModelSpec(info.model_name, info.model_kwargs, info.classes, info.preprocess, None, str(directory),
-                         _head_features(model, info.task), info.task, (info.config or {}).get("data"))
+                         _head_features(model, info.task), info.task, (info.config or {}).get("data"), model)
     if not cfg.model.weights:
         raise UserError("give --checkpoint, or model.name with model.weights (pretrained torchvision weights)")
     from raycv.models import get_model, get_model_entry
@@ -86,7 +93,7 @@ def load_spec(cfg: InferConfig) -> ModelSpec:
         preset = ClassificationEvalPreset(input_size=int(t.crop_size[0]), resize_size=int(t.resize_size[0]),
                                           mean=tuple(t.mean), std=tuple(t.std))
     return ModelSpec(cfg.model.name, kwargs, classes, preset, cfg.model.weights, None,
-                     _head_features(model, task), task)
+                     _head_features(model, task), task, model=model)
 
 
 def _head_features(model, task: str) -> int:
@@ -125,19 +132,29 @@ def check_apart(input_spec: str, output: str) -> None:
                         f"outside the inputs")
 
 
+def _process_age() -> float:
+    """Seconds since this process started (its start as the kernel recorded it)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 def run_inference(cfg: InferConfig) -> InferSummary:
     t0 = time.perf_counter()
+    age0 = _process_age()  # process start -> t0
     if not cfg.infer.output:
         raise UserError("infer.output is required (--output FOLDER or URI)")
     check_input(cfg)
     check_apart(cfg.infer.input, cfg.infer.output)
     spec = load_spec(cfg)
+    spec.model = None  # loaded to check it; the actors load their own
     if cfg.infer.embedding and spec.task != "classification":
         raise UserError(f"infer.embedding is for classification models; {spec.name} is a {spec.task} model")
     data = registry_data(cfg, spec.data)  # a registry input reproduces the checkpoint's own split
     out = OutputLocation(cfg.infer.output)
     out.check(cfg.infer.mode)  # before Ray starts: an output raycv may not write into is refused untouched
     runtime.connect(cfg.run.address, verbose=cfg.run.verbose)
+    startup = {"run": age0, "ray": age0 + time.perf_counter() - t0}
     base, prior = out.prepare(cfg.infer.mode)
     try:
         counter = RowCounter.remote()
@@ -191,6 +208,11 @@ def run_inference(cfg: InferConfig) -> InferSummary:
                 raise UserError(f"cannot write to output {cfg.infer.output}: {reason}; nothing was published") from None
             finally:
                 progress.finish()
+            if (actor := ray.get(counter.first_actor.remote())) is not None:
+                zero = time.time() - (age0 + time.perf_counter() - t0)  # the process's start, wall clock
+                startup.update(actor_init=actor[0] - zero, actor_ready=actor[1] - zero)
+            if progress.first_rows_s is not None:
+                startup["first_prediction"] = age0 + progress.first_rows_s
         checked = out.check_shards(inputs.unit_keys, written)
         if not checked.rows:
             raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {cfg.infer.input}")
@@ -218,4 +240,5 @@ def run_inference(cfg: InferConfig) -> InferSummary:
     return InferSummary(output=cfg.infer.output, rows=checked.new_rows, ok=checked.new_rows - checked.new_errors,
                         errors=checked.new_errors, images_per_second=checked.new_rows / max(wall, 1e-9),
                         wall_seconds=wall, skipped_done=checked.reused, total_rows=rows,
-                        first_prediction_s=progress.first_rows_s if progress else None)
+                        first_prediction_s=progress.first_rows_s if progress else None,
+                        startup={k: round(v, 2) for k, v in startup.items()})

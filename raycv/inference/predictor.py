@@ -5,6 +5,7 @@ returns it as rows of the task's output schema."""
 from __future__ import annotations
 
 import io
+import time
 from typing import Any
 
 import numpy as np
@@ -21,21 +22,25 @@ from raycv.training.checkpoint import load_model
 class _Predictor:
     def __init__(self, *, checkpoint: str | None, model_name: str, model_kwargs: dict[str, Any],
                  weights: str | None, torch_home: str | None, classes: list[str], preprocess: dict, threads: int,
-                 use_gpu: bool, counter=None, decode: dict[str, Any] | None = None):
+                 use_gpu: bool, counter=None, decode: dict[str, Any] | None = None, model: torch.nn.Module | None = None):
+        """`model`: already built and loaded (raycv.load, in the caller's process); else built here."""
+        began = time.time()
         # Ray starts workers with one intra-op thread; an actor given k CPUs should use k.
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if torch_home:  # where the driver found the pretrained weights (same node, or a shared cache)
             torch.hub.set_dir(torch_home)
-        if checkpoint is not None:  # the checkpoint folder must be readable here (shared storage on a cluster)
+        if model is None and checkpoint is not None:  # the checkpoint must be readable here (shared storage on a cluster)
             model, _ = load_model(checkpoint)
-        else:
+        elif model is None:
             model = get_model(model_name, num_classes=len(classes), weights=weights, **model_kwargs)
         self.model = model.eval().to(self.device)
         self.classes = np.asarray(classes, dtype=object)
         self.preset = eval_preset_from_dict(preprocess)
         self.counter = counter  # a RowCounter actor, for the driver's progress line
         self.decode = decode  # decode_batch's arguments, when decoding happens here (infer.decode_in_actor)
+        if counter is not None:
+            counter.actor_ready.remote(began, time.time())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """The task's output rows, plus the `shard` each input came from (the sink commits by it)."""

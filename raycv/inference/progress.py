@@ -19,6 +19,14 @@ from raycv.progress import Live
 class RowCounter:
     def __init__(self):
         self.rows = self.total = self.units = 0
+        self.actor = None  # (wall time its __init__ began, wall time it ended) of the first predictor ready
+
+    def actor_ready(self, began: float, ended: float) -> None:
+        if self.actor is None or ended < self.actor[1]:
+            self.actor = (began, ended)
+
+    def first_actor(self) -> tuple[float, float] | None:
+        return self.actor
 
     def add(self, n: int) -> None:
         self.rows += n
