@@ -19,8 +19,8 @@ if [ "${1:-}" = "--quick" ]; then
 else
     python bench/train_bench.py --epochs 4 --json "$out/train.json"
     python bench/train_cpu.py --epochs 6 --reps 3 --json "$out/train_cpu.json"
-    python bench/infer_bench.py --images 1000 --scale 10 --size 64 --json "$out/infer_64.json"
-    python bench/infer_bench.py --images 200 --scale 4 --size 224 --json "$out/infer_224.json"
+    python bench/infer_bench.py --images 600 --scale 10 --size 64 --json "$out/infer_64.json"
+    python bench/infer_bench.py --images 200 --scale 10 --size 224 --json "$out/infer_224.json"
     python bench/infer_cpu.py --images 600 --size 224 --json "$out/infer_cpu.json"
     python bench/scale_bench.py --rows 20000,500000 --folder 100000 --json "$out/scale.json"
     if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then

@@ -47,6 +47,7 @@ class Head:
         ports = {name: free_port() for name in ("dashboard", "agent", "metrics", "runtime_env", "client")}
         ports["gcs"] = gcs_port or free_port()
         self.address = f"http://127.0.0.1:{ports['dashboard']}"
+        self.gcs_address = f"127.0.0.1:{ports['gcs']}"  # what ray.init / $RAY_ADDRESS take
         self._log = open(temp / "head.log", "w")
         self.proc = subprocess.Popen(
             [RAY, "start", "--head", "--block", f"--port={ports['gcs']}", "--dashboard-host=127.0.0.1",
