@@ -41,8 +41,9 @@ class InferSummary:
     first_prediction_s: float | None = None  # from the start of the run to the first predicted rows (seen within 0.2 s)
     # Where the time to the first prediction went, in seconds from the process's start: `run`
     # (run_inference called: the interpreter and imports), `ray` (connected to or started Ray),
-    # `actor_init` / `actor_ready` (the first predictor's __init__ began, and ended with its model
-    # loaded), `first_prediction`.
+    # `pipeline` (the input planned, the Ray Data pipeline handed to Ray),
+    # `actor_spawned` / `actor_init` / `actor_ready` (the first predictor's worker process started,
+    # its __init__ began after the imports, and ended with the model loaded), `first_prediction`.
     startup: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -199,6 +200,7 @@ def run_inference(cfg: InferConfig) -> InferSummary:
             sink = ShardSink(out.uri, out.run_id, output_schema(spec.task, embedding_dim).with_metadata(metadata),
                              cfg.infer.rows_per_file)
             progress.start()
+            startup["pipeline"] = age0 + time.perf_counter() - t0
             try:
                 ds.write_datasink(sink, ray_remote_args={"num_cpus": decode_cpus})
                 written = sink.written
@@ -210,7 +212,7 @@ def run_inference(cfg: InferConfig) -> InferSummary:
                 progress.finish()
             if (actor := ray.get(counter.first_actor.remote())) is not None:
                 zero = time.time() - (age0 + time.perf_counter() - t0)  # the process's start, wall clock
-                startup.update(actor_init=actor[0] - zero, actor_ready=actor[1] - zero)
+                startup.update(actor_spawned=actor[0] - zero, actor_init=actor[1] - zero, actor_ready=actor[2] - zero)
             if progress.first_rows_s is not None:
                 startup["first_prediction"] = age0 + progress.first_rows_s
         checked = out.check_shards(inputs.unit_keys, written)

@@ -40,7 +40,9 @@ class _Predictor:
         self.counter = counter  # a RowCounter actor, for the driver's progress line
         self.decode = decode  # decode_batch's arguments, when decoding happens here (infer.decode_in_actor)
         if counter is not None:
-            counter.actor_ready.remote(began, time.time())
+            import psutil
+
+            counter.actor_ready.remote(psutil.Process().create_time(), began, time.time())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """The task's output rows, plus the `shard` each input came from (the sink commits by it)."""

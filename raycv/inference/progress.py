@@ -19,13 +19,13 @@ from raycv.progress import Live
 class RowCounter:
     def __init__(self):
         self.rows = self.total = self.units = 0
-        self.actor = None  # (wall time its __init__ began, wall time it ended) of the first predictor ready
+        self.actor = None  # wall times of the first predictor ready: its process started, __init__ began, ended
 
-    def actor_ready(self, began: float, ended: float) -> None:
-        if self.actor is None or ended < self.actor[1]:
-            self.actor = (began, ended)
+    def actor_ready(self, spawned: float, began: float, ended: float) -> None:
+        if self.actor is None or ended < self.actor[2]:
+            self.actor = (spawned, began, ended)
 
-    def first_actor(self) -> tuple[float, float] | None:
+    def first_actor(self) -> tuple[float, float, float] | None:
         return self.actor
 
     def add(self, n: int) -> None:
