@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from PIL import Image
     from torch import nn
 
+    from raycv.config import TrainConfig
     from raycv.inference.pipeline import InferSummary
     from raycv.training.driver import TrainSummary
 
@@ -44,11 +45,14 @@ def _overrides(overrides: Overrides) -> list[str]:
     return [str(o) for o in overrides]
 
 
-def train(config: str | os.PathLike | None = None, overrides: Overrides = None) -> "TrainSummary":
-    """Train with Ray Train (a local Ray instance, or the cluster at `run.address` / $RAY_ADDRESS)."""
-    from raycv.config import load_config
+def train(config: "str | os.PathLike | TrainConfig | None" = None, overrides: Overrides = None) -> "TrainSummary":
+    """Train with Ray Train (a local Ray instance, or the cluster at `run.address` / $RAY_ADDRESS).
+    `config`: a recipe path, or a config already loaded (`raycv.config.load_config("train", ...)`)."""
+    from raycv.config import TrainConfig, load_config
     from raycv.training.driver import fit
 
+    if isinstance(config, TrainConfig):
+        return fit(config)
     return fit(load_config("train", config, _overrides(overrides)))
 
 
@@ -142,7 +146,9 @@ class Predictor:
                 else:  # an in-memory image's row is named by its place in `images`
                     paths.append(f"<image {start + len(paths)}>")
                     arrays.append(np.asarray(to_rgb(item)) if isinstance(item, Image.Image) else np.asarray(item))
-            batch = {"path": np.asarray(paths, dtype=object), "image": np.asarray(arrays + [None], dtype=object)[:-1]}
+            column = np.empty(len(arrays), dtype=object)  # one object per row, never stacked into one array
+            column[:] = arrays
+            batch = {"path": np.asarray(paths, dtype=object), "image": column}
             rows += self._predictor(decode_batch(batch, **self._decode)).to_pylist()
         return rows
 
@@ -155,14 +161,14 @@ def expand_images(specs: Sequence[str]) -> list[str]:
     matches nothing is an error naming it."""
     import glob
 
-    from raycv.data.io import IMAGE_EXTENSIONS
+    from raycv.data.io import IMAGE_EXTENSIONS, list_files
     from raycv.errors import UserError
 
     out: list[str] = []
     for spec in specs:
         p = Path(spec)
-        if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        if p.is_dir():  # listed as `raycv infer` lists a folder input
+            found = list_files(str(p), IMAGE_EXTENSIONS)
         elif p.is_file():
             found = [str(p)]
         else:

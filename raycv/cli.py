@@ -107,7 +107,7 @@ def cmd_train(args) -> int:
     from raycv.config import load_config
 
     cfg = load_config("train", args.config, args.overrides)
-    s = api.train(args.config, args.overrides)
+    s = api.train(cfg)
     ips = f"{s.images_per_second:,.0f}" if s.images_per_second else "n/a"
     if s.task == "classification":
         acc = f"{s.val_accuracy:.4f}" if s.val_accuracy is not None else "n/a"
