@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from PIL import Image
     from torch import nn
 
-    from raycv.config import TrainConfig
+    from raycv.config import InferConfig, TrainConfig
     from raycv.inference.pipeline import InferSummary
     from raycv.training.driver import TrainSummary
 
@@ -57,14 +57,21 @@ def train(config: "str | os.PathLike | TrainConfig | None" = None, overrides: Ov
 
 
 def infer(checkpoint: str | os.PathLike | None = None, input: str | os.PathLike | None = None,
-          output: str | os.PathLike | None = None, *, config: str | os.PathLike | None = None,
+          output: str | os.PathLike | None = None, *, config: "str | os.PathLike | InferConfig | None" = None,
           overrides: Overrides = None) -> "InferSummary":
-    """Batch inference with Ray Data into a Parquet folder (`raycv infer`)."""
-    from raycv.config import load_config
+    """Batch inference with Ray Data into a Parquet folder (`raycv infer`). `config`: a recipe path,
+    or a config already loaded (`raycv.config.load_config("infer", ...)`), which the other
+    arguments then update."""
+    from raycv.config import InferConfig, load_config
     from raycv.inference.pipeline import run_inference
 
     extra = [f"infer.{k}={v}" for k, v in (("checkpoint", checkpoint), ("input", input), ("output", output))
              if v is not None]
+    if isinstance(config, InferConfig):
+        if overrides:
+            raise TypeError("give overrides with a recipe path, or set them on the loaded config")
+        update = {k: str(v) for k, v in (("checkpoint", checkpoint), ("input", input), ("output", output)) if v is not None}
+        return run_inference(config.model_copy(update={"infer": config.infer.model_copy(update=update)}))
     return run_inference(load_config("infer", config, _overrides(overrides) + extra))
 
 

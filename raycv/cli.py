@@ -30,11 +30,17 @@ def say(text: str = "", **kwargs) -> None:
     print(redact(str(text)), **kwargs)
 
 
+def _import_option(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="a Python module that registers models or datasets (repeatable; docs/plugins.md)")
+    return p
+
+
 def _job_parser(sub, name: str, help: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help)
     p.add_argument("--config", "-c", help="a YAML recipe (see jobs/configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
-    return p
+    return _import_option(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "segmentation masks left out)")
     p.add_argument("--limit", type=int, default=PREDICT_LIMIT, help=f"refuse more images than this (default {PREDICT_LIMIT})")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    _import_option(p)
     p = sub.add_parser("export", help="write a checkpoint as ONNX, TorchScript or safetensors, checked on the spot",
                        description="Export a checkpoint's model with its classes and preprocessing (ONNX metadata and "
                                    "a sidecar JSON), then run the export beside the PyTorch model on sample inputs "
@@ -65,11 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"])
     p.add_argument("--output", help="the file to write (default: <checkpoint name>.onnx / .pt / .safetensors)")
     p.add_argument("--tolerance", type=float, default=1e-3, help="largest difference accepted (default 1e-3)")
+    _import_option(p)
     p = sub.add_parser("evaluate", help="score predictions against a labelled source")
     p.add_argument("--predictions", required=True, help="Parquet predictions written by `raycv infer`")
     p.add_argument("--labels", help="labelled source (default: found from the images' paths): classification, a Parquet "
                                     "of path + label; segmentation, a folder of class-mask PNGs; detection, a COCO "
-                                    "instances JSON")
+                                    "instances JSON, a YOLO dataset (data.yaml) or a VOC tree (Annotations/)")
     p.add_argument("--output", help="folder for metrics.json and confusion_matrix.png")
     p = sub.add_parser("draw", help="draw predictions onto their images (boxes, mask overlays, labels) as PNGs to look at")
     p.add_argument("--predictions", required=True, help="Parquet predictions written by `raycv infer`")
@@ -98,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", "-f", action="store_true", help="logs: stream until the job ends")
     p = sub.add_parser("report", help="a training run's epochs table and best checkpoint; redraws curves.png")
     p.add_argument("run_dir", help="a run directory (<run.storage_path>/<run.name>), local or a URI")
-    sub.add_parser("models", help="list the model registry")
-    sub.add_parser("datasets", help="list the dataset sources")
+    _import_option(sub.add_parser("models", help="list the model registry (timm's: timm/<name>, with timm installed)"))
+    _import_option(sub.add_parser("datasets", help="list the dataset sources"))
     return parser
 
 
@@ -107,6 +115,7 @@ def cmd_train(args) -> int:
     from raycv.config import load_config
 
     cfg = load_config("train", args.config, args.overrides)
+    cfg.run.plugins = [*cfg.run.plugins, *args.imports]  # the workers import them too
     s = api.train(cfg)
     ips = f"{s.images_per_second:,.0f}" if s.images_per_second else "n/a"
     if s.task == "classification":
@@ -140,7 +149,11 @@ def infer_overrides(args) -> list[str]:
 
 
 def cmd_infer(args) -> int:
-    s = api.infer(config=args.config, overrides=infer_overrides(args))
+    from raycv.config import load_config
+
+    cfg = load_config("infer", args.config, infer_overrides(args))
+    cfg.run.plugins = [*cfg.run.plugins, *args.imports]  # the actors import them too
+    s = api.infer(config=cfg)
     say(f"done: {s.rows} rows ({s.ok} ok, {s.errors} errors), {s.images_per_second:,.1f} images/s, "
           f"{s.wall_seconds:.0f} s")
     say(f"predictions: {s.output}")
@@ -328,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if getattr(args, "imports", None):  # before anything else, in this process: a bad plugin is one line
+            from raycv import plugins
+
+            plugins.load(args.imports)
         return COMMANDS[args.verb](args)
     except (UserError, FileNotFoundError) as e:
         say(f"raycv {args.verb}: error: {e}", file=sys.stderr)

@@ -143,6 +143,18 @@ class RunSection(_Section):
     # curves.png and summary.json as artifacts. A resumed run continues the same MLflow run.
     mlflow_tracking_uri: str | None = None
     mlflow_experiment: str = "raycv"
+    # Python modules that register models or datasets (raycv/plugins.py), imported by the driver before
+    # Ray starts and by every worker and actor; `--import MODULE` on the command line adds one.
+    plugins: list[str] = Field(default_factory=list)
+
+    @field_validator("plugins")
+    @classmethod
+    def _module_names(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", m)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a Python module name (a.b.c; put its folder on the path or "
+                             "in the current folder)")
+        return v
 
     @field_validator("name", mode="before")
     @classmethod
@@ -290,7 +302,7 @@ def load_config(kind: str, path: str | os.PathLike | None = None, overrides: lis
 
 def default_run_name(cfg: TrainConfig) -> str:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"{cfg.data.name}-{cfg.model.name}-{stamp}"
+    return f"{cfg.data.name}-{cfg.model.name.replace('/', '-')}-{stamp}"
 
 
 def resolve_storage_path(storage_path: str) -> str:

@@ -68,14 +68,14 @@ def test_coco_tree_reads_and_letterboxes_boxes(tmp_path):
     with pytest.raises(UserError, match="class index 2 but the classes are 1-1"):
         decode_boxes(batch, preset=preset, num_classes=2)
 
-    from raycv.inference.evaluate import _coco_truth  # where `raycv evaluate` finds the true boxes
+    from raycv.inference.evaluate import _detection_truth  # where `raycv evaluate` finds the true boxes
 
-    names, truth = _coco_truth([f"{root}/train2017/000000000000.jpg"], None)  # beside the images, as COCO ships
+    names, truth = _detection_truth([f"{root}/train2017/000000000000.jpg"], None)  # beside the images, as COCO ships
     assert names == classes and truth[f"{root}/train2017/000000000000.jpg"]["labels"] == [2, 1]
-    with pytest.raises(UserError, match="cannot find the true boxes: no annotations/instances_"):
-        _coco_truth([f"{tmp_path}/elsewhere/images/a.jpg"], None)
+    with pytest.raises(UserError, match="cannot find the true boxes: no COCO annotations/instances_"):
+        _detection_truth([f"{tmp_path}/elsewhere/images/a.jpg"], None)
     with pytest.raises(UserError, match="COCO annotations not found: .*missing.json"):
-        _coco_truth(["a.jpg"], str(tmp_path / "missing.json"))
+        _detection_truth(["a.jpg"], str(tmp_path / "missing.json"))
 
     ann = json.loads((root / "annotations/instances_val2017.json").read_text())
     ann["annotations"][0]["category_id"] = 7

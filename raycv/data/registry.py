@@ -43,7 +43,9 @@ _DATASETS: dict[str, DatasetEntry] = {}
 def register_dataset(name: str, *, description: str, needs_root: bool = False, task: str = "classification"):
     def wrap(builder):
         if name in _DATASETS:
-            raise ValueError(f"dataset {name!r} is already registered")
+            from raycv.plugins import NameTaken
+
+            raise NameTaken(f"dataset {name!r} is already registered")
         _DATASETS[name] = DatasetEntry(name, builder, description, needs_root, task)
         return builder
 
@@ -51,10 +53,15 @@ def register_dataset(name: str, *, description: str, needs_root: bool = False, t
 
 
 def get_dataset_entry(name: str) -> DatasetEntry:
+    if name not in _DATASETS:
+        from raycv import plugins
+
+        plugins.load_entry_points()
     try:
         return _DATASETS[name]
     except KeyError:
-        raise UserError(f"unknown dataset {name!r} (valid: {', '.join(sorted(_DATASETS))})") from None
+        raise UserError(f"unknown dataset {name!r} (valid: {', '.join(sorted(_DATASETS))}; a dataset of your own: "
+                        f"load its plugin with --import MODULE or run.plugins)") from None
 
 
 def check_source(cfg: "DataSection") -> DatasetEntry:
@@ -76,4 +83,7 @@ def build_dataset(cfg: "DataSection") -> DatasetSplits:
 
 
 def list_datasets() -> list[DatasetEntry]:
+    from raycv import plugins
+
+    plugins.load_entry_points()
     return [e for _, e in sorted(_DATASETS.items())]

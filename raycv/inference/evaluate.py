@@ -8,9 +8,10 @@ Segmentation: the true class mask of `.../JPEGImages/<id>.<ext>` is `.../Segment
 (VOC layout), or `<labels>/<id>.png` with `--labels FOLDER`. Reports mIoU, pixel accuracy and
 per-class IoU over every pixel at the images' original sizes (torchmetrics; 255 = void).
 
-Detection: true boxes come from COCO instances JSON: `--labels FILE.json`, or found beside the
-images as COCO and raycv's scenes lay them out (`<root>/<images>/<file>` ->
-`<root>/annotations/instances_*.json`). Reports COCO mAP@[.5:.95], mAP@.5, mAP@.75, by object
+Detection: true boxes come from a COCO instances JSON, a YOLO dataset or a VOC tree: `--labels`
+(the JSON file, the folder of data.yaml, the folder of Annotations/), or found beside the images
+(`<root>/<images>/<file>` -> `<root>/annotations/instances_*.json`; `<root>/images/<split>/<file>`
+-> `<root>/data.yaml`; `<root>/JPEGImages/<file>` -> `<root>/Annotations/`). Reports COCO mAP@[.5:.95], mAP@.5, mAP@.75, by object
 size, mAR@100 and per-class AP (torchmetrics over pycocotools), in original-image pixels. Crowd
 regions are not scored; classes are matched by name.
 """
@@ -172,39 +173,71 @@ def evaluate_segmentation(predictions: str, table, classes: list[str], *, labels
     return report
 
 
-def _coco_truth(paths: list[str], labels: str | None) -> tuple[list[str], dict[str, dict]]:
-    """(class names of the annotations, {image path or file name: {"boxes", "labels"}})."""
-    from raycv.data.io import list_files
-    from raycv.data.detection_sources import coco_image_dir, read_coco
+def _annotation_sets(labels: str) -> list[tuple[str, list[str], list[dict]]]:
+    """--labels for detection -> [(what, classes, items)]: a COCO instances JSON, a YOLO tree (its
+    data.yaml's splits) or a VOC tree (its Annotations/)."""
+    from raycv.data.detection_sources import read_coco, voc_detection_items, yolo_items
+    from raycv.data.io import exists, is_dir
 
-    if labels is not None:
-        if not labels.endswith(".json"):
-            raise UserError(f"--labels for detection is a COCO instances JSON file, not {labels}")
-        files = [(labels, labels.replace("\\", "/").rsplit("/", 1)[0])]
-    else:
-        roots = sorted({p.replace("\\", "/").rsplit("/", 2)[0] for p in paths if p.count("/") >= 2})
-        files = []
-        for root in roots:
-            try:
-                found = [f for f in list_files(f"{root}/annotations", (".json",))
-                         if f.rsplit("/", 1)[-1].startswith("instances_")]
-            except (OSError, UserError):
-                found = []
-            files += [(f, coco_image_dir(root, f)) for f in found]
-        if not files:
-            raise UserError("cannot find the true boxes: no annotations/instances_*.json beside the images' folder; "
-                            "pass --labels INSTANCES.json")
+    root = labels.rstrip("/")
+    if root.endswith(".json"):
+        return [(root, *read_coco(root, root.replace("\\", "/").rsplit("/", 1)[0]))]
+    if root.endswith("data.yaml"):
+        root = root.rsplit("/", 1)[0]
+    if exists(f"{root}/data.yaml"):
+        classes, splits = yolo_items(root)
+        return [(f"{root}/data.yaml", classes, splits["train"] + splits["val"])]
+    if is_dir(f"{root}/Annotations"):
+        classes, splits = voc_detection_items(root, None)
+        return [(f"{root}/Annotations", classes, splits["train"] + splits["val"])]
+    raise UserError(f"--labels for detection is a COCO instances JSON file, a YOLO dataset (data.yaml) or a VOC "
+                    f"tree (Annotations/), not {labels}")
+
+
+def _found_annotations(paths: list[str]) -> list[tuple[str, list[str], list[dict]]]:
+    """The annotations beside the images: COCO's <root>/annotations/instances_*.json for
+    <root>/<images>/<file>; YOLO's <root>/data.yaml for <root>/images/<split>/<file>; VOC's
+    <root>/Annotations/ for <root>/JPEGImages/<file>."""
+    from raycv.data.detection_sources import coco_image_dir, read_coco
+    from raycv.data.io import exists, is_dir, list_files
+
+    parents = sorted({p.replace("\\", "/").rsplit("/", 2)[0] for p in paths if p.count("/") >= 2})
+    found = []
+    for root in parents:
+        try:
+            coco = [f for f in list_files(f"{root}/annotations", (".json",))
+                    if f.rsplit("/", 1)[-1].startswith("instances_")]
+        except (OSError, UserError):
+            coco = []
+        found += [(f, *read_coco(f, coco_image_dir(root, f))) for f in coco]
+    yolo_roots = sorted({p.replace("\\", "/").rpartition("/images/")[0] for p in paths if "/images/" in p})
+    for root in yolo_roots:
+        if root and exists(f"{root}/data.yaml"):
+            found += _annotation_sets(root)
+    for root in parents:
+        if root.endswith("/JPEGImages") or is_dir(f"{root}/Annotations"):
+            voc = root.removesuffix("/JPEGImages")
+            if is_dir(f"{voc}/Annotations") and not any(w == f"{voc}/Annotations" for w, _, _ in found):
+                found += _annotation_sets(voc)
+    return found
+
+
+def _detection_truth(paths: list[str], labels: str | None) -> tuple[list[str], dict[str, dict]]:
+    """(class names of the annotations, {image path or file name: {"boxes", "labels"}})."""
+    sets = _annotation_sets(labels) if labels is not None else _found_annotations(paths)
+    if not sets:
+        raise UserError("cannot find the true boxes: no COCO annotations/instances_*.json, YOLO data.yaml or VOC "
+                        "Annotations/ beside the images' folder; pass --labels")
     classes: list[str] | None = None
     truth: dict[str, dict] = {}
-    for ann_file, image_dir in files:
-        names, items = read_coco(ann_file, image_dir)
+    for what, names, items in sets:
         if classes is not None and names != classes:
-            raise UserError(f"{ann_file} has other categories than {files[0][0]}")
+            raise UserError(f"{what} has other classes than {sets[0][0]}")
         classes = names
         for item in items:
             entry = {"boxes": item["boxes"], "labels": item["labels"]}
             truth[item["path"]] = entry
-            truth.setdefault(item["path"].rsplit("/", 1)[-1], entry)  # also by file name: COCO names are unique
+            truth.setdefault(item["path"].rsplit("/", 1)[-1], entry)  # also by file name
     return classes or [], truth
 
 
@@ -217,7 +250,7 @@ def evaluate_detection(predictions: str, table, *, labels: str | None = None, ou
     check_extras("detection")
 
     paths = table.column("path").to_pylist()
-    classes, truth = _coco_truth(paths, labels)
+    classes, truth = _detection_truth(paths, labels)
     index = {c: i for i, c in enumerate(classes)}
     metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True, backend="pycocotools")
     scored = errors = unknown = 0

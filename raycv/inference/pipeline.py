@@ -145,6 +145,9 @@ def run_inference(cfg: InferConfig) -> InferSummary:
     age0 = _process_age()  # process start -> t0
     if not cfg.infer.output:
         raise UserError("infer.output is required (--output FOLDER or URI)")
+    from raycv import plugins
+
+    plugins.load(cfg.run.plugins)  # before Ray starts: a plugin that fails is one line
     check_input(cfg)
     check_apart(cfg.infer.input, cfg.infer.output)
     spec = load_spec(cfg)
@@ -173,7 +176,8 @@ def run_inference(cfg: InferConfig) -> InferSummary:
         predictor_kwargs = dict(checkpoint=spec.checkpoint, model_name=spec.name, model_kwargs=spec.kwargs,
                                 weights=spec.weights, torch_home=torch.hub.get_dir() if spec.weights else None,
                                 classes=spec.classes, preprocess=spec.preprocess.to_dict(), threads=threads,
-                                use_gpu=cfg.infer.use_gpu, schema_metadata=metadata, counter=counter)
+                                use_gpu=cfg.infer.use_gpu, schema_metadata=metadata, counter=counter,
+                                plugins=list(cfg.run.plugins))
         if spec.task == "classification":
             predictor_kwargs.update(topk=cfg.infer.topk, embedding=cfg.infer.embedding)
         elif spec.task == "detection":

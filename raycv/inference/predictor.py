@@ -22,9 +22,14 @@ from raycv.training.checkpoint import load_model
 class _Predictor:
     def __init__(self, *, checkpoint: str | None, model_name: str, model_kwargs: dict[str, Any],
                  weights: str | None, torch_home: str | None, classes: list[str], preprocess: dict, threads: int,
-                 use_gpu: bool, counter=None, decode: dict[str, Any] | None = None, model: torch.nn.Module | None = None):
-        """`model`: already built and loaded (raycv.load, in the caller's process); else built here."""
+                 use_gpu: bool, counter=None, decode: dict[str, Any] | None = None, model: torch.nn.Module | None = None,
+                 plugins: list[str] = ()):
+        """`model`: already built and loaded (raycv.load, in the caller's process); else built here.
+        `plugins`: modules that register the model (run.plugins), imported in this process first."""
         began = time.time()
+        from raycv import plugins as _plugins
+
+        _plugins.load(plugins)
         # Ray starts workers with one intra-op thread; an actor given k CPUs should use k.
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")

@@ -11,6 +11,7 @@ from typing import Callable
 
 from torch import nn
 
+from raycv import plugins
 from raycv.errors import UserError
 
 
@@ -19,7 +20,7 @@ class ModelEntry:
     name: str
     builder: Callable[..., nn.Module]  # builder(*, num_classes, weights, **kwargs) -> nn.Module
     task: str  # "classification" (detection / segmentation later)
-    source: str  # "raycv" or "torchvision"
+    source: str  # "raycv", "torchvision", "timm" or the plugin module that registered it
     default_input_size: int  # the input side the model was designed for, pixels
 
 
@@ -31,27 +32,41 @@ def register_model(
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _MODELS:
-            raise ValueError(f"model {name!r} is already registered")
-        _MODELS[name] = ModelEntry(name, builder, task, source, default_input_size)
+            raise plugins.NameTaken(f"model {name!r} is already registered (by {_MODELS[name].source})")
+        if name.startswith(TIMM_PREFIX):
+            raise plugins.NameTaken(f"model names starting with {TIMM_PREFIX!r} are timm's")
+        module = getattr(builder, "__module__", "") or ""
+        origin = source if source != "raycv" or module.startswith("raycv.") or not module else module
+        _MODELS[name] = ModelEntry(name, builder, task, origin, default_input_size)
         return builder
 
     return wrap
 
 
+TIMM_PREFIX = "timm/"
+
+
 def get_model_entry(name: str) -> ModelEntry:
+    if name.startswith(TIMM_PREFIX):
+        from raycv.models.timm_zoo import timm_entry
+
+        return timm_entry(name)
+    if name not in _MODELS:
+        plugins.load_entry_points()
     try:
         return _MODELS[name]
     except KeyError:
         raise UserError(
-            f"unknown model {name!r} (valid: {', '.join(sorted(_MODELS))})"
+            f"unknown model {name!r} (valid: {', '.join(sorted(_MODELS))}, timm/<name> with timm installed; "
+            f"a model of your own: load its plugin with --import MODULE or run.plugins)"
         ) from None
 
 
 def get_model(name: str, *, num_classes: int, weights: str | None = None, **kwargs) -> nn.Module:
     """Build a model by registry name. `weights` names pretrained torchvision weights."""
     entry = get_model_entry(name)
-    if weights is not None and entry.source != "torchvision":
-        raise UserError(f"model {name!r} has no pretrained weights (only torchvision models do)")
+    if weights is not None and entry.source not in ("torchvision", "timm"):
+        raise UserError(f"model {name!r} has no pretrained weights (only torchvision and timm models do)")
     try:
         return entry.builder(num_classes=num_classes, weights=weights, **kwargs)
     except TypeError as e:
@@ -59,4 +74,5 @@ def get_model(name: str, *, num_classes: int, weights: str | None = None, **kwar
 
 
 def list_models(task: str | None = None) -> list[ModelEntry]:
+    plugins.load_entry_points()
     return [e for _, e in sorted(_MODELS.items()) if task is None or e.task == task]

@@ -14,7 +14,7 @@ import ray.data
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raycv import runtime
+from raycv import plugins, runtime
 from raycv.config import TrainConfig, default_run_name, resolve_storage_path, to_yaml
 from raycv import tasks
 from raycv.data import build_dataset, check_source
@@ -137,6 +137,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
     writes has credentials in URIs redacted."""
     echo = _redacted(echo)
     t_start = time.perf_counter()
+    plugins.load(cfg.run.plugins)  # a plugin that fails to import, or takes a name, fails here, before Ray starts
     task = check_source(cfg.data).task  # unknown model or dataset, missing files, a mismatch: fail before Ray starts
     if cfg.model.init_from and not fsio.exists(cfg.model.init_from):
         raise UserError(f"model.init_from does not exist: {cfg.model.init_from}")

@@ -44,6 +44,9 @@ def _worker_nodes(rank: int, world: int) -> list[str]:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = TrainConfig.model_validate(config["cfg"])
+    from raycv import plugins
+
+    plugins.load(cfg.run.plugins)  # models and datasets of the user's own, in this worker's process too
     tc = cfg.train
     classes: list[str] = config["classes"]
     run_dir: str = config["run_dir"]
