@@ -233,3 +233,49 @@ def test_listing_does_not_follow_symlinked_folders(tmp_path):
     (root / "a" / "loop2").symlink_to(root / "a", target_is_directory=True)
     (root / "linked.png").symlink_to(outside / "secret.png")
     assert list_files(str(root)) == [str(root / "a" / "x.png"), str(root / "linked.png")]
+
+
+def _hugging_face_parquet(root, names: list[str]) -> dict[str, int]:
+    """The digits as `datasets` exports an image classification set: data/{train,test}-0000K-of-0000N.parquet,
+    an `image` struct<bytes, path> (the Image feature), a `label` int64 (a ClassLabel, its names in
+    the schema's `huggingface` metadata). -> rows per split."""
+    import json as _json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raycv.data.bundled import digits_root
+
+    features = {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}
+    schema = pa.schema([("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64())],
+                       metadata={"huggingface": _json.dumps({"info": {"features": features}})})
+    (root / "data").mkdir(parents=True)
+    files = sorted(digits_root().glob("*/*.png"))[::6]  # every sixth: all ten digits, 300 images
+    counts = {}
+    for split, part in (("train", [f for i, f in enumerate(files) if i % 5]), ("test", files[::5])):
+        halves = [part[: len(part) // 2], part[len(part) // 2:]] if split == "train" else [part]
+        for k, chunk in enumerate(halves):
+            rows = {"image": [{"bytes": f.read_bytes(), "path": f.name} for f in chunk],
+                    "label": [int(f.parent.name) for f in chunk]}
+            pq.write_table(pa.table(rows, schema=schema), root / "data" / f"{split}-{k:05d}-of-{len(halves):05d}.parquet")
+        counts[split] = len(part)
+    return counts
+
+
+@pytest.mark.slow
+def test_a_hugging_face_parquet_export_trains_with_its_class_names(ray_session, tmp_path):
+    import raycv
+    from raycv.config import load_config
+    from raycv.data import build_dataset
+
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    counts = _hugging_face_parquet(tmp_path / "hf", names)
+    cfg = load_config("train", None, ["data.name=parquet", f"data.root={tmp_path / 'hf'}"])
+    splits = build_dataset(cfg.data)
+    assert splits.classes == names and (splits.num_train, splits.num_val) == (counts["train"], counts["test"])
+    row = splits.val.take(1)[0]
+    assert row["path"].endswith(".png") and row["bytes"][:4] == b"\x89PNG" and 0 <= row["label"] < 10
+    s = raycv.train(overrides={"data.name": "parquet", "data.root": str(tmp_path / "hf"), "train.epochs": 1,
+                               "scaling.num_workers": 1, "run.storage_path": str(tmp_path), "run.name": "hf"})
+    assert s.epochs == 1 and s.val_accuracy > 0.2  # 10 classes: chance is 0.1
+    assert raycv.load(tmp_path / "hf").classes == names

@@ -246,18 +246,66 @@ def _parquet_rows(batch: dict[str, np.ndarray], *, image_column: str, label_colu
                   index: dict[str, int] | None, source: str) -> dict[str, np.ndarray]:
     labels = batch[label_column]
     n = len(labels)
-    out = {"bytes": batch[image_column],
-           "label": np.asarray([index[str(v)] for v in labels] if index else labels, dtype=np.int64)}
-    out["path"] = batch["path"] if "path" in batch else np.asarray([source] * n, dtype=object)
-    return out
+    images = batch[image_column]
+    paths = batch["path"] if "path" in batch else np.asarray([source] * n, dtype=object)
+    if n and isinstance(images[0], dict):  # Hugging Face's Image feature: struct<bytes, path>
+        paths = np.asarray([(v.get("path") or p) if v else p for v, p in zip(images, paths)], dtype=object)
+        images = np.asarray([v.get("bytes") if v else None for v in images], dtype=object)
+    return {"bytes": images, "path": paths,
+            "label": np.asarray([index[str(v)] for v in labels] if index else labels, dtype=np.int64)}
+
+
+HF_TRAIN = ("train",)
+HF_VAL = ("validation", "valid", "val", "test")  # the first of these a Hugging Face export has
+
+
+def _split_prefix(f: str) -> str:
+    return f.rsplit("/", 1)[-1].split("-", 1)[0].split(".", 1)[0]
+
+
+def hugging_face_splits(files: list[str]) -> tuple[list[str], list[str]] | None:
+    """(train files, val files) of a Hugging Face Parquet export (`train-00000-of-00002.parquet`,
+    `validation-...`, `test-...`, often under data/), or None."""
+    train = [f for f in files if _split_prefix(f) in HF_TRAIN]
+    for name in HF_VAL:
+        val = [f for f in files if _split_prefix(f) == name]
+        if train and val:
+            return train, val
+    return None
+
+
+def hugging_face_class_names(file: str, label_column: str) -> list[str] | None:
+    """The names of a `ClassLabel` column, from the `huggingface` metadata `datasets` writes into
+    the Parquet schema."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    fs, p = resolve(file)
+    with fs.open_input_file(p) as fh:
+        meta = pq.read_schema(fh).metadata or {}
+    try:
+        feature = json.loads(meta[b"huggingface"])["info"]["features"][label_column]
+    except (KeyError, ValueError, TypeError):
+        return None
+    names = feature.get("names") if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" else None
+    return [str(n) for n in names] if names else None
 
 
 @register_dataset("parquet", needs_root=True,
-                  description="Parquet with encoded image bytes (data.image_column) and a label (data.label_column); train/ and val/ subfolders or a split")
+                  description="Parquet with encoded image bytes (data.image_column) and a label (data.label_column); train/ and val/ subfolders, a Hugging Face export (train-*/validation-* files, Image and ClassLabel features), or a split")
 def parquet(cfg: DataSection) -> DatasetSplits:
     root = cfg.root.rstrip("/")
-    train, n_train, val, n_val = subfolders_or_split(root, cfg, lambda folder: _parquet_split(folder, cfg))
-    classes, by_name = _parquet_classes([train, val], cfg.label_column)
+    files = [f for f in list_files(root) if f.endswith(".parquet")] if is_dir(root) else [root]
+    hf = hugging_face_splits(files) if not (is_dir(f"{root}/train") and is_dir(f"{root}/val")) else None
+    if hf:  # a Hugging Face export: train-*.parquet beside validation-* (or test-*)
+        read = lambda fs: read_parquet_rows(fs, [cfg.image_column, cfg.label_column], num_cpus=cfg.decode_cpus,
+                                            optional=("path",))
+        (train, n_train), (val, n_val) = read(hf[0]), read(hf[1])
+    else:
+        train, n_train, val, n_val = subfolders_or_split(root, cfg, lambda folder: _parquet_split(folder, cfg))
+    names = hugging_face_class_names(files[0], cfg.label_column) if files else None
+    classes, by_name = (names, False) if names else _parquet_classes([train, val], cfg.label_column)
     fn_kwargs = dict(image_column=cfg.image_column, label_column=cfg.label_column,
                      index={c: i for i, c in enumerate(classes)} if by_name else None, source=root)
     train = train.map_batches(_parquet_rows, fn_kwargs=fn_kwargs, batch_format="numpy", num_cpus=cfg.decode_cpus)
