@@ -45,15 +45,24 @@ def _overrides(overrides: Overrides) -> list[str]:
     return [str(o) for o in overrides]
 
 
-def train(config: "str | os.PathLike | TrainConfig | None" = None, overrides: Overrides = None) -> "TrainSummary":
+def train(config: "str | os.PathLike | TrainConfig | None" = None, overrides: Overrides = None, *,
+          data: Any = None) -> "TrainSummary":
     """Train with Ray Train (a local Ray instance, or the cluster at `run.address` / $RAY_ADDRESS).
-    `config`: a recipe path, or a config already loaded (`raycv.config.load_config("train", ...)`)."""
+    `config`: a recipe path, or a config already loaded (`raycv.config.load_config("train", ...)`).
+    `data`: image classification data as Python objects instead of `data.name`: a Hugging Face
+    `datasets.DatasetDict` (train and validation / test splits; an image column of the Image
+    feature, a ClassLabel label column, named by data.image_column / data.label_column) or a
+    mapping {"train": ..., "val": ...} of `datasets.Dataset`s or Ray Datasets of encoded images."""
     from raycv.config import TrainConfig, load_config
     from raycv.training.driver import fit
 
-    if isinstance(config, TrainConfig):
-        return fit(config)
-    return fit(load_config("train", config, _overrides(overrides)))
+    cfg = config if isinstance(config, TrainConfig) else load_config("train", config, _overrides(overrides))
+    if data is not None:
+        from raycv.data.objects import NAME, register_objects
+
+        register_objects(data)
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"name": NAME})})
+    return fit(cfg)
 
 
 def infer(checkpoint: str | os.PathLike | None = None, input: str | os.PathLike | None = None,

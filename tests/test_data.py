@@ -279,3 +279,55 @@ def test_a_hugging_face_parquet_export_trains_with_its_class_names(ray_session, 
                                "scaling.num_workers": 1, "run.storage_path": str(tmp_path), "run.name": "hf"})
     assert s.epochs == 1 and s.val_accuracy > 0.2  # 10 classes: chance is 0.1
     assert raycv.load(tmp_path / "hf").classes == names
+
+
+def test_webdataset_shards_read_as_samples_with_their_labels(ray_session, tmp_path):
+    import tarfile
+
+    from helpers.shards import write_digit_shards
+
+    counts = write_digit_shards(tmp_path / "wds")
+    assert len(list((tmp_path / "wds").glob("train-*.tar"))) == 2
+    cfg = DataSection(name="webdataset", root=str(tmp_path / "wds"))
+    splits = build_dataset(cfg)
+    assert splits.classes == [str(i) for i in range(10)] and (splits.num_train, splits.num_val) == (counts["train"], counts["val"])
+    rows = splits.val.take_all()
+    assert len(rows) == counts["val"] and len({r["path"] for r in rows}) == counts["val"]
+    for r in rows:  # <shard>#<key>, the key naming the digit the label says
+        shard, key = r["path"].split("#")
+        assert shard.endswith("val-000000.tar") and key.split("_")[0] == str(r["label"]) and r["bytes"][:4] == b"\x89PNG"
+    # a sample without its label, and a label that is not a number: one line naming the shard
+    with tarfile.open(tmp_path / "wds" / "val-000000.tar", "a") as tar:
+        info = tarfile.TarInfo("orphan.png")
+        info.size = 3
+        tar.addfile(info, __import__("io").BytesIO(b"abc"))
+    with pytest.raises(UserError, match=r"val-000000.tar: sample 'orphan' has an image but no .cls label"):
+        build_dataset(cfg)
+    (tmp_path / "wds" / "val-000000.tar").unlink()
+    with pytest.raises(UserError, match="WebDataset needs train and val shards .* found 2 and 0"):
+        build_dataset(cfg)
+
+
+@pytest.mark.slow
+def test_a_hugging_face_datasetdict_trains_through_the_python_api(ray_session, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    import raycv
+    from raycv.data.bundled import digits_root
+
+    names = [f"digit {i}" for i in range(10)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    files = sorted(digits_root().glob("*/*.png"))[::6]
+
+    def split(chosen):
+        return datasets.Dataset.from_dict({"image": [{"bytes": f.read_bytes(), "path": f.name} for f in chosen],
+                                           "label": [int(f.parent.name) for f in chosen]}, features=features)
+
+    dd = datasets.DatasetDict({"train": split([f for i, f in enumerate(files) if i % 5]), "test": split(files[::5])})
+    s = raycv.train(overrides={"train.epochs": 1, "scaling.num_workers": 1, "run.storage_path": str(tmp_path),
+                               "run.name": "hf-objects"}, data=dd)
+    assert s.epochs == 1 and s.val_accuracy > 0.2  # 10 classes: chance is 0.1
+    assert raycv.load(tmp_path / "hf-objects").classes == names
+    log = [__import__("json").loads(ln) for ln in (tmp_path / "hf-objects" / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["val_count"] == len(dd["test"]) and log[0]["train_images"] == len(dd["train"])
+    with pytest.raises(UserError, match="data= needs a 'train' split and one of validation, valid, val, test; it has train"):
+        raycv.train(overrides={"run.storage_path": str(tmp_path)}, data={"train": dd["train"]})

@@ -107,3 +107,19 @@ def test_train_resume_and_infer_on_object_storage(s3, image_tree, tmp_path):
                 blob = f.read()
             assert SECRET.encode() not in blob and KEY_ID.encode() not in blob, info.path
     assert all(SECRET not in res["stdout"] + res["stderr"] for res in (first, resumed, inferred, evaluated, drawn))
+
+
+@pytest.mark.slow
+def test_training_streams_webdataset_shards_from_object_storage(s3, tmp_path):
+    """Shards on S3: read by Ray Data's WebDataset reader in the workers, counted from their headers."""
+    from helpers.shards import write_digit_shards
+
+    fs, env = s3
+    counts = write_digit_shards(tmp_path / "wds")
+    pafs.copy_files(str(tmp_path / "wds"), "raycv/wds", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    (trained,) = _cli_session(env, tmp_path, ["train", "data.name=webdataset", "data.root=s3://raycv/wds",
+                                              "scaling.num_workers=1", "train.epochs=1", f"run.storage_path={tmp_path}",
+                                              "run.name=wds-run"])
+    log = [json.loads(ln) for ln in (tmp_path / "wds-run" / "metrics.jsonl").read_text().splitlines()]
+    assert "done: val top-1" in trained["stdout"] and len(log) == 1
+    assert log[0]["val_count"] == counts["val"] and log[0]["train_images"] == counts["train"]
