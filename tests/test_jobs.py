@@ -225,3 +225,27 @@ def test_rayignore_keeps_the_upload_small():
         assert ignored(REPO / rel), rel
     for rel in ("raycv/data/sources.py", "jobs/train.py", "jobs/configs/digits_cnn.yaml", "cluster.yaml"):
         assert not ignored(REPO / rel), rel
+
+
+@pytest.mark.slow
+def test_a_plugin_travels_with_the_jobs_working_directory(head, tmp_path, monkeypatch):
+    """`raycv submit --working-dir tests/plugins ... --import raycv_example_plugin`: the module is
+    nowhere on the cluster's path but in the uploaded working directory, and the job's driver and
+    its inference actor both import it. The checkpoint is an untrained plugin model written here."""
+    from raycv.data.presets import ClassificationEvalPreset
+    from raycv.models import get_model
+    from raycv.training import checkpoint as ckpt
+
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "plugins"))
+    import raycv_example_plugin  # noqa: F401  (registers example_tinynet here, to write the checkpoint)
+
+    classes = ["horizontal", "vertical"]
+    ckpt.write_checkpoint(tmp_path / "plug", get_model("example_tinynet", num_classes=2), ckpt.CheckpointInfo(
+        task="classification", model_name="example_tinynet", model_kwargs={}, classes=classes,
+        preprocess=ClassificationEvalPreset(input_size=32, resize_size=32), epoch=1, metrics={}, config={}))
+    r = _raycv("submit", "--address", head.address, "--wait", "--entrypoint-num-cpus", "0.25",
+               "--working-dir", str(REPO / "tests" / "plugins"), "infer", "--import", "raycv_example_plugin",
+               "--checkpoint", str(tmp_path / "plug"), "--input", "registry:example_stripes:val",
+               "--output", str(tmp_path / "preds"), env=head.env)
+    assert r.returncode == 0 and "40 rows (40 ok, 0 errors)" in r.stdout, (r.stdout + r.stderr)[-3000:]
+    assert json.loads((tmp_path / "preds" / "_raycv_manifest.json").read_text())["rows"] == 40
