@@ -1,4 +1,4 @@
-"""`raycv train | infer | predict | export | evaluate | draw | submit | jobs | report | models | datasets`: parse,
+"""`raycv train | tune | infer | predict | export | evaluate | draw | submit | jobs | report | models | datasets`: parse,
 call the Python API (`raycv/api.py`), exit.
 
 Every job verb takes `--config FILE` and dotted `key=value` overrides. A user error prints one
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raycv", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True)
     _job_parser(sub, "train", "train a model with Ray Train (default: the seed's CNN on digits)")
+    _job_parser(sub, "tune", "search hyperparameters with Ray Tune: each trial a raycv training run (a recipe's tune: section)")
     p = _job_parser(sub, "infer", "batch inference with Ray Data, predictions to Parquet")
     p.add_argument("--checkpoint", help="a raycv checkpoint, or a run directory (its best checkpoint)")
     p.add_argument("--input", help="image folder, Parquet dataset, or registry:<dataset>[:train|val]")
@@ -85,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=16, help="draw the first N rows by path (default 16)")
     p.add_argument("--score-threshold", type=float, default=0.5,
                    help="detection: draw boxes scoring at least this (default 0.5)")
-    p = sub.add_parser("submit", help="run train/infer/evaluate on a Ray cluster as a Ray job",
-                       description="Validate a train/infer/evaluate invocation here, then submit it as a Ray job. "
+    p = sub.add_parser("submit", help="run train/tune/infer/evaluate on a Ray cluster as a Ray job",
+                       description="Validate a train/tune/infer/evaluate invocation here, then submit it as a Ray job. "
                                    "Example: raycv submit --address http://127.0.0.1:8265 --wait train train.epochs=3")
     p.add_argument("--address", help="the job server, http://<head>:8265 (default: $RAY_ADDRESS)")
     p.add_argument("--working-dir", default=".", help="uploaded to the cluster; .gitignore/.rayignore apply (default: .)")
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entrypoint-resources", metavar="JSON", help='custom resources for the driver, e.g. \'{"accel": 1}\'')
     p.add_argument("--submission-id", help="job id (default: raycv-<verb>-<time>-<random>)")
     p.add_argument("--wait", action="store_true", help="stream the logs and exit with the job's outcome (0: SUCCEEDED)")
-    p.add_argument("job_verb", choices=["train", "infer", "evaluate"], metavar="{train,infer,evaluate}")
+    p.add_argument("job_verb", choices=["train", "tune", "infer", "evaluate"], metavar="{train,tune,infer,evaluate}")
     p.add_argument("job_args", nargs=argparse.REMAINDER, help="the verb's own arguments")
     p = sub.add_parser("jobs", help="list, inspect, follow or stop submitted Ray jobs")
     p.add_argument("--address", help="the job server, http://<head>:8265 (default: $RAY_ADDRESS)")
@@ -136,6 +137,26 @@ def cmd_train(args) -> int:
         say(f"curves:          {s.curves}")
     say(f"run directory:   {s.run_dir}")
     say(f"best checkpoint: {s.best_checkpoint}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from raycv.config import load_config
+    from raycv.tuning import tune_search
+
+    cfg = load_config("tune", args.config, args.overrides)
+    cfg.run.plugins = [*cfg.run.plugins, *args.imports]
+    s = tune_search(cfg, echo=say)
+    say(s.table())
+    say(f"best: trial {s.best['trial_id']}, {s.metric} {s.best['best']:.4f} ({', '.join(f'{k}={v}' for k, v in s.best['params'].items())}); "
+        f"{len(s.trials)} trials, {sum(t['stopped_early'] for t in s.trials)} stopped early, {s.wall_seconds:.0f} s")
+    for e in s.errors:
+        say(e)
+    say(f"results:         {s.results} (+ .csv)")
+    if s.plot:
+        say(f"picture:         {s.plot}")
+    say(f"best config:     {s.best_config}  (raycv train --config {s.best_config})")
+    say(f"best run:        {s.best['run_dir']}")
     return 0
 
 
@@ -328,7 +349,7 @@ def cmd_datasets(args) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable] = {"train": cmd_train, "infer": cmd_infer, "predict": cmd_predict,
+COMMANDS: dict[str, Callable] = {"train": cmd_train, "tune": cmd_tune, "infer": cmd_infer, "predict": cmd_predict,
                                  "export": cmd_export, "evaluate": cmd_evaluate, "draw": cmd_draw, "submit": cmd_submit, "jobs": cmd_jobs,
                                  "report": cmd_report, "models": cmd_models, "datasets": cmd_datasets}
 

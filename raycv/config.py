@@ -221,7 +221,88 @@ class InferConfig(_Section):
     run: RunSection = Field(default_factory=RunSection)
 
 
-CONFIG_KINDS: dict[str, type[_Section]] = {"train": TrainConfig, "infer": InferConfig}
+DISTRIBUTIONS = {"loguniform": "[low, high], 0 < low < high", "uniform": "[low, high], low < high",
+                 "randint": "[low, high], integers, both included", "choice": "[a, b, ...]", "grid": "[a, b, ...]"}
+METRICS = ("val_accuracy", "val_top5", "val_loss", "val_miou", "val_pixel_accuracy", "val_map", "val_map50")
+
+
+def _number(v: Any) -> Any:
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+class TuneSection(_Section):
+    # config key -> one distribution: {loguniform: [1e-4, 1e-1]}, {uniform: [0, 0.3]}, {randint: [1, 4]},
+    # {choice: [none, light]}, {grid: [16, 32]} (every value of a grid, num_samples times)
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    metric: Literal[METRICS] | None = None  # what the search ranks by; default: the task's checkpoint metric
+    mode: Literal["max", "min"] | None = None  # default: min for val_loss, else max
+    num_samples: int = Field(4, ge=1, le=10_000)  # trials (with a grid: per grid point)
+    max_concurrent_trials: int | None = Field(None, ge=1)  # default: as many as the cluster holds with scaling.cpus_per_worker, else 1
+    scheduler: Literal["none", "asha"] = "asha"  # asha: stop trials that fall behind at each rung of epochs
+    grace_period: int = Field(1, ge=1)  # asha: epochs every trial runs before it can be stopped
+    reduction_factor: float = Field(2.0, gt=1.0)  # asha: keep the best 1/reduction_factor at each rung
+    search: Literal["random", "optuna"] = "random"  # optuna: pip install 'raycv[optuna]'
+    seed: int | None = 0  # the search's seed: the same seed samples the same trials
+
+    @field_validator("space")
+    @classmethod
+    def _distributions(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        if not v:
+            raise ValueError("is empty: give at least one key to search, e.g. tune.space={optim.lr: {loguniform: [1e-4, 1e-1]}}")
+        for key, dist in v.items():
+            if key.split(".", 1)[0] in ("tune", "run"):
+                raise ValueError(f"{key}: the search cannot vary tune.* or run.* keys")
+            if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+                raise ValueError(f"{key}: want one of {', '.join(f'{{{n}: {a}}}' for n, a in DISTRIBUTIONS.items())}, "
+                                 f"got {dist!r}")
+            (name, args), = dist.items()
+            if not isinstance(args, list) or not args:
+                raise ValueError(f"{key}: {name} wants {DISTRIBUTIONS[name]}, got {args!r}")
+            if name in ("loguniform", "uniform"):  # YAML 1.1 reads 1e-4 (no dot) as a string
+                args = dist[name] = [_number(a) for a in args]
+            if name in ("loguniform", "uniform", "randint"):
+                ok = len(args) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args) \
+                    and args[0] < args[1] and (name != "loguniform" or args[0] > 0) \
+                    and (name != "randint" or all(isinstance(a, int) for a in args))
+                if not ok:
+                    raise ValueError(f"{key}: {name} wants {DISTRIBUTIONS[name]}, got {args!r}")
+        return v
+
+
+class TuneConfig(TrainConfig):
+    tune: TuneSection = Field(default_factory=TuneSection)
+
+    @model_validator(mode="after")
+    def _space_keys(self) -> "TuneConfig":
+        """Every searched key exists and takes every value the space can give it (bounds and choices)."""
+        if self.tune.search == "optuna" and any("grid" in d for d in self.tune.space.values()):
+            raise ValueError("tune.space: a grid needs tune.search=random (Optuna samples; it does not enumerate)")
+        base = self.train_config().model_dump(mode="json")
+        for key, dist in self.tune.space.items():
+            (name, args), = dist.items()
+            for value in args:
+                nested: dict[str, Any] = {}
+                node = nested
+                *parents, last = key.split(".")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[last] = value
+                try:
+                    TrainConfig.model_validate(_merge(base, nested))
+                except ValidationError as e:
+                    raise ValueError(f"tune.space.{key}: {_format_error(e, TrainConfig)}") from None
+        return self
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.model_validate(self.model_dump(mode="json", exclude={"tune"}))
+
+
+CONFIG_KINDS: dict[str, type[_Section]] = {"train": TrainConfig, "infer": InferConfig, "tune": TuneConfig}
 
 # ----------------------------------------------------------------------------------------------
 # Loading

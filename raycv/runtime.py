@@ -23,14 +23,16 @@ def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
 
 
-def connect(address: str | None = None, *, verbose: bool = False) -> None:
+def connect(address: str | None = None, *, verbose: bool = False, dashboard: bool = False) -> None:
     """Join the Ray cluster at `address` (or $RAY_ADDRESS), else start a new local instance.
 
     A local instance is raycv's own: it runs with Ray's token authentication (a fresh token in the
     environment of its processes, nothing written to disk, unless $RAY_AUTH_MODE / $RAY_AUTH_TOKEN
     say otherwise). It is never an instance found by auto-discovery: to reuse a running one, pass
     `run.address` or set $RAY_ADDRESS. Ray's own chatter stays in Ray's log folder unless `verbose`:
-    raycv prints its own progress.
+    raycv prints its own progress. `dashboard`: a local instance also runs Ray's dashboard, on
+    127.0.0.1 only (`raycv tune` needs its State API: Ray Train's placement-group cleaner asks it
+    whether a stopped trial's controller is gone).
     """
     level = logging.INFO if verbose else logging.WARNING
     for name in QUIET_LOGGERS:
@@ -51,7 +53,8 @@ def connect(address: str | None = None, *, verbose: bool = False) -> None:
         ray.init(address=address, **kwargs)
     else:
         local_token_auth()
-        ray.init(address="local", include_dashboard=False, **kwargs)
+        ray.init(address="local", include_dashboard=dashboard,
+                 **({"dashboard_host": "127.0.0.1"} if dashboard else {}), **kwargs)
     if not verbose:
         native_stderr_to_ray_logs()
 

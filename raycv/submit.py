@@ -20,7 +20,7 @@ from typing import Callable
 
 from raycv.errors import UserError
 
-JOB_VERBS = ("train", "infer", "evaluate")
+JOB_VERBS = ("train", "tune", "infer", "evaluate")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -78,7 +78,7 @@ def validate_locally(verb: str, config: str | None, overrides: list[str], workin
             raise UserError(f"--config {config} lies outside the working directory {working_dir}, "
                             "so the job could not read it; put it inside or pass --working-dir") from None
         config = str(resolved)
-    if verb in ("train", "infer"):
+    if verb in ("train", "tune", "infer"):
         load_config(verb, config, overrides)
 
 

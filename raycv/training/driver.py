@@ -132,9 +132,10 @@ def worker_malloc_env() -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in WORKER_MALLOC_ENV.items()}
 
 
-def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
+def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list | None = None) -> TrainSummary:
     """Train `cfg` with Ray Train; resume when `run.name` names an existing run. What it echoes and
-    writes has credentials in URIs redacted."""
+    writes has credentials in URIs redacted. `callbacks`: more Ray Train callbacks (raycv tune's
+    TuneReportCallback)."""
     echo = _redacted(echo)
     t_start = time.perf_counter()
     plugins.load(cfg.run.plugins)  # a plugin that fails to import, or takes a name, fails here, before Ray starts
@@ -218,6 +219,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print) -> TrainSummary:
                                                checkpoint_score_order=order),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             worker_runtime_env={"env_vars": {**worker_malloc_env(), **runtime.forwarded_env()}},
+            callbacks=list(callbacks or []),
         ),
         datasets={"train": train_ds.randomize_block_order(), "val": val_ds},
         dataset_config=ExactValSplit(execution_options=_ingest_options(cfg.train.deterministic),

@@ -1,0 +1,103 @@
+"""`raycv tune`: a Ray Tune search whose trials are raycv training runs (Ray Train inside Tune
+trials), ASHA stopping the ones that fall behind; results, the best config, a picture; a search
+run again under its name continues instead of starting over. Bad search spaces fail in one line
+before Ray starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from raycv.cli import main
+
+REPO = Path(__file__).parents[1]
+RECIPE = REPO / "jobs" / "configs" / "digits_tune.yaml"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["tune.space={optim.lrr: {loguniform: [1.0e-4, 0.1]}}"],
+     "tune.space.optim.lrr: unknown config key 'optim.lrr' (valid keys here: name, lr,"),
+    (["tune.space={optim.lr: {loguniform: [0, 0.1]}}"], "tune.space: optim.lr: loguniform wants [low, high], 0 < low < high"),
+    (["tune.space={optim.lr: {normal: [1, 2]}}"], "tune.space: optim.lr: want one of {loguniform: "),
+    (["tune.space={data.augment: {choice: [none, heavy]}}"], "tune.space.data.augment: data.augment='heavy': Input should be"),
+    (["tune.space={run.name: {choice: [a, b]}}"], "tune.space: run.name: the search cannot vary tune.* or run.* keys"),
+    (["tune.metric=val_acc"], "tune.metric='val_acc': Input should be 'val_accuracy'"),
+    (["tune.scheduler=pbt"], "tune.scheduler='pbt': Input should be 'none' or 'asha'"),
+])
+def test_a_bad_search_is_one_line_before_ray_starts(overrides, message, capsys):
+    assert main(["tune", "--config", str(RECIPE), *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("raycv tune: error: ") and message in err, err
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_optuna_is_an_extra_asked_for_in_one_line(capsys):
+    try:
+        import optuna  # noqa: F401
+        pytest.skip("optuna is installed here")
+    except ImportError:
+        pass
+    assert main(["tune", "--config", str(RECIPE), "tune.search=optuna"]) == 2
+    assert capsys.readouterr().err.strip() == ("raycv tune: error: tune.search=optuna needs Optuna: "
+                                              "pip install 'raycv[optuna]'")
+    assert main(["tune", "--config", str(RECIPE), "tune.search=optuna",
+                 "tune.space={data.batch_size: {grid: [16, 32]}}"]) == 2
+    assert "a grid needs tune.search=random" in capsys.readouterr().err
+
+
+def test_an_empty_space_is_one_line(tmp_path, capsys):
+    assert main(["tune", "train.epochs=1"]) == 2
+    assert capsys.readouterr().err.strip().startswith("raycv tune: error: tune.space is empty: give at least one key")
+
+
+@pytest.mark.slow
+def test_a_search_stops_trials_early_writes_its_results_and_continues_by_name(tmp_path):
+    """Four 1-worker trials of up to 2 epochs over optim.lr (log-uniform over four decades) and
+    data.augment, one at a time, on the test machine's 2 CPUs, with raycv's own Ray (its dashboard
+    on 127.0.0.1: Ray Train's cleaner of a stopped trial's placement group asks its State API).
+    The seed fixes the samples: the second trial's learning rate (1.5e-5) cannot get near the
+    first's (3.5e-3) accuracy in one epoch, so ASHA stops it at its first rung."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    args = [sys.executable, "-m", "raycv.cli", "tune", "--config", str(RECIPE), "train.epochs=2", "tune.num_samples=4",
+            f"run.storage_path={tmp_path}", "run.name=search"]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    run = tmp_path / "search"
+    table = pq.read_table(run / "tune_results.parquet").to_pylist()
+    assert len(table) == 4 and all(r["status"] == "done" for r in table), table
+    assert sum(r["stopped_early"] for r in table) >= 1 and all(r["epochs"] in (1, 2) for r in table)
+    assert all(r["epochs"] == 2 for r in table if not r["stopped_early"])
+    best = max(table, key=lambda r: r["best_val_accuracy"])
+    assert f"best: trial {best['trial_id']}, val_accuracy {best['best_val_accuracy']:.4f}" in first.stdout
+    assert best["best_val_accuracy"] > 0.8 and (run / "tune_results.csv").read_text().count("\n") == 5
+
+    # best_config.yaml is the best trial's own recipe: raycv train --config reads it as that config
+    from raycv.config import load_config
+
+    again = load_config("train", run / "best_config.yaml").model_dump(mode="json")
+    trial = yaml.safe_load((Path(best["run_dir"]) / "config.yaml").read_text())
+    for section in ("data", "model", "optim", "train", "scaling"):
+        assert again[section] == trial[section], section
+    assert again["optim"]["lr"] == best["param.optim.lr"] and again["data"]["augment"] == best["param.data.augment"]
+    assert (run / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for r in table:  # every trial is a raycv run: its epochs and checkpoints
+        log = [json.loads(ln) for ln in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert [m["epoch"] for m in log] == list(range(1, r["epochs"] + 1))
+        assert (Path(r["run_dir"]) / "checkpoint_epoch_0001" / "model.pt").is_file()
+    assert (Path(best["run_dir"]) / "summary.json").is_file()  # the best trial finished its run
+
+    stamps = {r["trial_id"]: (Path(r["run_dir"]) / "metrics.jsonl").stat().st_mtime_ns for r in table}
+    second = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    assert "continuing the search" in second.stdout and "epoch 1" not in second.stdout  # nothing trained again
+    assert stamps == {r["trial_id"]: (Path(r["run_dir"]) / "metrics.jsonl").stat().st_mtime_ns for r in table}
+    assert pq.read_table(run / "tune_results.parquet").to_pylist() == table
