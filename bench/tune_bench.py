@@ -36,12 +36,18 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     out = Path(a.out or tempfile.mkdtemp(prefix="tune-bench-"))
+    out.mkdir(parents=True, exist_ok=True)
     search_s, printed = timed(["tune", "--config", a.config, f"run.storage_path={out}", "run.name=search"], out)
     trials = pq.read_table(out / "search" / "tune_results.parquet").to_pylist()
+    import yaml
+
+    recipe = yaml.safe_load(Path(a.config).read_text())
+    recipe.pop("tune", None)  # the same training recipe, as `raycv train` takes it
+    (out / "train.yaml").write_text(yaml.safe_dump(recipe))
     separate = []
     for t in trials:
         overrides = [f"{k.removeprefix('param.')}={v}" for k, v in t.items() if k.startswith("param.")]
-        s, _ = timed(["train", "--config", a.config, *overrides, f"run.storage_path={out}/separate",
+        s, _ = timed(["train", "--config", str(out / "train.yaml"), *overrides, f"run.storage_path={out}/separate",
                       f"run.name={t['trial_id']}"], out)
         separate.append(s)
     result = {"trials": len(trials), "stopped_early": sum(t["stopped_early"] for t in trials),

@@ -81,7 +81,7 @@ def search_space(space: dict[str, dict[str, Any]], seed: int | None):
 
 def trial_config(base: dict[str, Any], params: dict[str, Any], *, storage: str, trial_id: str) -> TrainConfig:
     """The recipe with a trial's sampled values, in the search's trials/ folder."""
-    from raycv.config import _merge, parse_overrides
+    from raycv.config import _merge
 
     nested: dict[str, Any] = {}
     for key, value in params.items():
@@ -91,7 +91,8 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], *, storage: str, 
             node = node.setdefault(part, {})
         node[last] = value
     merged = _merge(base, nested)
-    merged = _merge(merged, parse_overrides([f"run.storage_path={storage}", f"run.name={trial_id}", "run.resume=auto"]))
+    # set as strings, not parsed as YAML: a trial id such as 84924_00000 would read as an integer
+    merged = _merge(merged, {"run": {"storage_path": storage, "name": trial_id, "resume": "auto"}})
     return TrainConfig.model_validate(merged)
 
 
@@ -194,7 +195,10 @@ def tune_search(cfg: TuneConfig, echo: Callable[[str], None] = print) -> TuneSum
         tuner = tune.Tuner(
             trainable, param_space=search_space(cfg.tune.space, cfg.tune.seed),
             tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=cfg.tune.num_samples,
-                                        max_concurrent_trials=concurrent, scheduler=scheduler, search_alg=search),
+                                        max_concurrent_trials=concurrent, scheduler=scheduler, search_alg=search,
+                                        # not reuse_actors: a trial ASHA stops leaves its training running in
+                                        # the actor, and the next trial there waits on it (seen: a hang)
+                                        reuse_actors=False),
             run_config=tune.RunConfig(name="tune", storage_path=run_dir, verbose=0,
                                       callbacks=[_Echo(metric, echo)]))
         echo(f"raycv tune: {cfg.tune.num_samples} sample(s) of {', '.join(cfg.tune.space)}; {metric} ({mode}); "
@@ -305,6 +309,7 @@ def draw(trials: list[dict[str, Any]], metric: str, cfg: TuneConfig) -> bytes:
             ax.plot(range(1, len(t["history"]) + 1), t["history"], marker="o", ms=3,
                     ls="--" if t["stopped_early"] else "-", label=t["trial_id"][-5:])
     ax.set(xlabel="epoch", ylabel=metric, title="every trial (dashed: stopped early)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=6)
     for ax, key in zip(axes[0][1:], keys):
         xs = [t["params"].get(key) for t in trials if t["best"] is not None]

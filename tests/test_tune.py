@@ -31,13 +31,13 @@ RECIPE = REPO / "jobs" / "configs" / "digits_tune.yaml"
     (["tune.metric=val_acc"], "tune.metric='val_acc': Input should be 'val_accuracy'"),
     (["tune.scheduler=pbt"], "tune.scheduler='pbt': Input should be 'none' or 'asha'"),
 ])
-def test_a_bad_search_is_one_line_before_ray_starts(overrides, message, capsys):
+def test_a_bad_search_is_one_line_before_ray_starts(overrides, message, monkeypatch, capsys):
+    from raycv import runtime
+
+    monkeypatch.setattr(runtime, "connect", lambda *a, **k: pytest.fail("Ray was started"))
     assert main(["tune", "--config", str(RECIPE), *overrides]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("raycv tune: error: ") and message in err, err
-    import ray
-
-    assert not ray.is_initialized()
 
 
 def test_optuna_is_an_extra_asked_for_in_one_line(capsys):
@@ -101,3 +101,17 @@ def test_a_search_stops_trials_early_writes_its_results_and_continues_by_name(tm
     assert "continuing the search" in second.stdout and "epoch 1" not in second.stdout  # nothing trained again
     assert stamps == {r["trial_id"]: (Path(r["run_dir"]) / "metrics.jsonl").stat().st_mtime_ns for r in table}
     assert pq.read_table(run / "tune_results.parquet").to_pylist() == table
+
+
+def test_a_search_submits_as_a_job_through_jobs_tune_py():
+    """`raycv submit tune ...` checks the search here and submits jobs/tune.py, which runs `raycv tune`."""
+    from raycv import submit
+    from raycv.errors import ConfigError
+
+    submit.validate_locally("tune", "jobs/configs/digits_tune.yaml", ["tune.num_samples=2"], REPO)
+    with pytest.raises(ConfigError, match="tune.space.optim.lrr: unknown config key"):
+        submit.validate_locally("tune", "jobs/configs/digits_tune.yaml",
+                                ["tune.space={optim.lrr: {uniform: [0.1, 0.2]}}"], REPO)
+    assert submit.entrypoint("tune", ["--config", "jobs/configs/digits_tune.yaml"], REPO) == \
+        "python jobs/tune.py --config jobs/configs/digits_tune.yaml"
+    assert "main([\"tune\", *sys.argv[1:]])" in (REPO / "jobs" / "tune.py").read_text()
