@@ -136,9 +136,9 @@ def test_a_timm_model_trains_infers_predicts_and_exports(ray_session, tmp_path):
     from raycv.data.bundled import digits_root
     from raycv.export import export_checkpoint
 
-    s = raycv.train(overrides={"model.name": "timm/test_resnet", "train.epochs": 1, "scaling.num_workers": 2,  # DDP
+    s = raycv.train(overrides={"model.name": "timm/test_resnet", "train.epochs": 3, "scaling.num_workers": 2,  # DDP
                                "run.storage_path": str(tmp_path), "run.name": "timm"})
-    assert s.epochs == 1 and s.val_accuracy > 0.3  # 10 classes: chance is 0.1
+    assert s.epochs == 3 and s.val_accuracy > 0.5  # 10 classes: chance is 0.1
     folder = tmp_path / "images"
     for digit in "0123456789":
         (folder / digit).mkdir(parents=True)

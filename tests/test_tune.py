@@ -65,19 +65,40 @@ def test_a_search_stops_trials_early_writes_its_results_and_continues_by_name(tm
     data.augment, one at a time, on the test machine's 2 CPUs, with raycv's own Ray (its dashboard
     on 127.0.0.1: Ray Train's cleaner of a stopped trial's placement group asks its State API).
     The seed fixes the samples: the second trial's learning rate (1.5e-5) cannot get near the
-    first's (3.5e-3) accuracy in one epoch, so ASHA stops it at its first rung."""
+    first's (3.5e-3) accuracy in one epoch, so ASHA stops it at its first rung.
+
+    The search is interrupted (Ctrl-C) once its first trial has finished, then run again under the
+    same name: the first trial is not trained again, the others are run."""
+    import signal
+    import time
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     args = [sys.executable, "-m", "raycv.cli", "tune", "--config", str(RECIPE), "train.epochs=2", "tune.num_samples=4",
             f"run.storage_path={tmp_path}", "run.name=search"]
-    first = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
-    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
     run = tmp_path / "search"
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and first.poll() is None and not list(run.glob("trials/*/summary.json")):
+        time.sleep(0.5)
+    first.send_signal(signal.SIGINT)  # our own child only: the Ray instance it started ends with it
+    printed = first.communicate(timeout=300)[0]
+    done = list(run.glob("trials/*/summary.json"))
+    assert len(done) == 1, printed[-3000:]
+    assert len(list(run.glob("trials/*/metrics.jsonl"))) < 4, printed[-3000:]  # interrupted mid-search
+    finished = done[0].parent
+    stamp = (finished / "metrics.jsonl").stat().st_mtime_ns
+
+    second = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    assert "continuing the search" in second.stdout
+    assert f"trial {finished.name}: epoch" not in second.stdout  # the finished trial was not trained again
+    assert (finished / "metrics.jsonl").stat().st_mtime_ns == stamp
     table = pq.read_table(run / "tune_results.parquet").to_pylist()
     assert len(table) == 4 and all(r["status"] == "done" for r in table), table
     assert sum(r["stopped_early"] for r in table) >= 1 and all(r["epochs"] in (1, 2) for r in table)
     assert all(r["epochs"] == 2 for r in table if not r["stopped_early"])
     best = max(table, key=lambda r: r["best_val_accuracy"])
-    assert f"best: trial {best['trial_id']}, val_accuracy {best['best_val_accuracy']:.4f}" in first.stdout
+    assert f"best: trial {best['trial_id']}, val_accuracy {best['best_val_accuracy']:.4f}" in second.stdout
     assert best["best_val_accuracy"] > 0.8 and (run / "tune_results.csv").read_text().count("\n") == 5
 
     # best_config.yaml is the best trial's own recipe: raycv train --config reads it as that config
@@ -94,13 +115,6 @@ def test_a_search_stops_trials_early_writes_its_results_and_continues_by_name(tm
         assert [m["epoch"] for m in log] == list(range(1, r["epochs"] + 1))
         assert (Path(r["run_dir"]) / "checkpoint_epoch_0001" / "model.pt").is_file()
     assert (Path(best["run_dir"]) / "summary.json").is_file()  # the best trial finished its run
-
-    stamps = {r["trial_id"]: (Path(r["run_dir"]) / "metrics.jsonl").stat().st_mtime_ns for r in table}
-    second = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
-    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
-    assert "continuing the search" in second.stdout and "epoch 1" not in second.stdout  # nothing trained again
-    assert stamps == {r["trial_id"]: (Path(r["run_dir"]) / "metrics.jsonl").stat().st_mtime_ns for r in table}
-    assert pq.read_table(run / "tune_results.parquet").to_pylist() == table
 
 
 def test_a_search_submits_as_a_job_through_jobs_tune_py():
