@@ -16,7 +16,10 @@ def test_there_are_recipes():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_every_recipe_loads(recipe):
-    cfg = load_config("train", recipe)
+    import yaml
+
+    kind = "tune" if "tune" in (yaml.safe_load(recipe.read_text()) or {}) else "train"  # a search's recipe
+    cfg = load_config(kind, recipe)
     assert isinstance(cfg, TrainConfig)
     from raycv.data import get_dataset_entry
     from raycv.models import get_model_entry
