@@ -58,25 +58,15 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-def search_space(space: dict[str, dict[str, Any]], seed: int | None):
-    """YAML distributions -> Tune's."""
+def search_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """YAML distributions (checked by TuneSection) -> Tune's."""
     from ray import tune
 
-    out = {}
-    for key, dist in space.items():
-        (name, args), = dist.items()
-        if name == "loguniform":
-            out[key] = tune.loguniform(*args)
-        elif name == "uniform":
-            out[key] = tune.uniform(*args)
-        elif name == "randint":
-            out[key] = tune.randint(args[0], args[1] + 1)  # both bounds included, as written
-        elif name == "choice":
-            out[key] = tune.choice(list(args))
-        elif name == "grid":
-            out[key] = tune.grid_search(list(args))
-    assert set(DISTRIBUTIONS) == {"loguniform", "uniform", "randint", "choice", "grid"}
-    return out
+    make = {"loguniform": lambda a: tune.loguniform(*a), "uniform": lambda a: tune.uniform(*a),
+            "randint": lambda a: tune.randint(a[0], a[1] + 1),  # both bounds included, as written
+            "choice": lambda a: tune.choice(list(a)), "grid": lambda a: tune.grid_search(list(a))}
+    assert set(make) == set(DISTRIBUTIONS)
+    return {key: make[name](args) for key, dist in space.items() for name, args in dist.items()}
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any], *, storage: str, trial_id: str) -> TrainConfig:
@@ -130,7 +120,6 @@ def plan_trials(cfg: TuneConfig, total_cpus: float) -> tuple[int, float]:
 
 def tune_search(cfg: TuneConfig, echo: Callable[[str], None] = print) -> TuneSummary:
     """Run (or continue) the search `cfg` describes."""
-    import ray
     from ray import tune
 
     from raycv import plugins, runtime, tasks
@@ -193,14 +182,14 @@ def tune_search(cfg: TuneConfig, echo: Callable[[str], None] = print) -> TuneSum
 
             search = BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=concurrent)
         tuner = tune.Tuner(
-            trainable, param_space=search_space(cfg.tune.space, cfg.tune.seed),
+            trainable, param_space=search_space(cfg.tune.space),
             tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=cfg.tune.num_samples,
                                         max_concurrent_trials=concurrent, scheduler=scheduler, search_alg=search,
                                         # not reuse_actors: a trial ASHA stops leaves its training running in
                                         # the actor, and the next trial there waits on it (seen: a hang)
                                         reuse_actors=False),
             run_config=tune.RunConfig(name="tune", storage_path=run_dir, verbose=0,
-                                      callbacks=[_Echo(metric, echo)]))
+                                      callbacks=[_echo_callback(metric, echo)]))
         echo(f"raycv tune: {cfg.tune.num_samples} sample(s) of {', '.join(cfg.tune.space)}; {metric} ({mode}); "
              f"scheduler {cfg.tune.scheduler}, search {cfg.tune.search}; {concurrent} trial(s) at once, "
              f"{cfg.scaling.num_workers} worker(s) x {cpus:g} CPU each; search {run_dir}")
@@ -208,25 +197,23 @@ def tune_search(cfg: TuneConfig, echo: Callable[[str], None] = print) -> TuneSum
     return _summarize(grid, cfg, metric, mode, run_dir, trials_dir, base, t0, restored)
 
 
-class _Echo:
+def _echo_callback(metric: str, echo: Callable[[str], None]):
     """A Tune callback: one line per trial epoch and end (Tune's own table stays off)."""
+    from ray.tune import Callback
 
-    def __new__(cls, metric: str, echo: Callable[[str], None]):
-        from ray.tune import Callback
+    class Echo(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            value = result.get(metric)
+            echo(f"trial {trial.trial_id}: epoch {result.get('training_iteration')}"
+                 + (f" {metric} {value:.4f}" if isinstance(value, (int, float)) else ""))
 
-        class Echo(Callback):
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                value = result.get(metric)
-                echo(f"trial {trial.trial_id}: epoch {result.get('training_iteration')}"
-                     + (f" {metric} {value:.4f}" if isinstance(value, (int, float)) else ""))
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            echo(f"trial {trial.trial_id}: done")
 
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                echo(f"trial {trial.trial_id}: done")
+        def on_trial_error(self, iteration, trials, trial, **info):
+            echo(f"trial {trial.trial_id}: error ({trial.error_file or 'see its log'})")
 
-            def on_trial_error(self, iteration, trials, trial, **info):
-                echo(f"trial {trial.trial_id}: error ({trial.error_file or 'see its log'})")
-
-        return Echo()
+    return Echo()
 
 
 def _summarize(grid, cfg: TuneConfig, metric: str, mode: str, run_dir: str, trials_dir: str,

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from raycv.data import bundled
-from raycv.data.detection_sources import coco_items, voc_detection_items, yolo_items
+from raycv.data.detection_formats import voc_detection_items, yolo_items
+from raycv.data.detection_sources import coco_items
 from raycv.errors import UserError
 
 NUM_SCENES = 60

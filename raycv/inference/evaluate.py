@@ -176,7 +176,8 @@ def evaluate_segmentation(predictions: str, table, classes: list[str], *, labels
 def _annotation_sets(labels: str) -> list[tuple[str, list[str], list[dict]]]:
     """--labels for detection -> [(what, classes, items)]: a COCO instances JSON, a YOLO tree (its
     data.yaml's splits) or a VOC tree (its Annotations/)."""
-    from raycv.data.detection_sources import read_coco, voc_detection_items, yolo_items
+    from raycv.data.detection_formats import voc_detection_items, yolo_items
+    from raycv.data.detection_sources import read_coco
     from raycv.data.io import exists, is_dir
 
     root = labels.rstrip("/")
