@@ -128,8 +128,8 @@ def tune_search(cfg: TuneConfig, echo: Callable[[str], None] = print) -> TuneSum
 
     t0 = time.perf_counter()
     if not cfg.tune.space:
-        raise UserError("tune.space is empty: give at least one key to search, e.g. in the recipe\n"
-                        "tune:\n  space:\n    optim.lr: {loguniform: [1.0e-4, 1.0e-1]}".splitlines()[0])
+        raise UserError("tune.space is empty: give at least one key to search, e.g. "
+                        "tune.space={optim.lr: {loguniform: [1.0e-4, 1.0e-1]}}")
     plugins.load(cfg.run.plugins)
     train_cfg = cfg.train_config()
     task = check_source(train_cfg.data).task  # the same checks as raycv train, before Ray starts
