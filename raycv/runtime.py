@@ -53,10 +53,28 @@ def connect(address: str | None = None, *, verbose: bool = False, dashboard: boo
         ray.init(address=address, **kwargs)
     else:
         local_token_auth()
+        if dashboard:
+            pin_local_address()
         ray.init(address="local", include_dashboard=dashboard,
                  **({"dashboard_host": "127.0.0.1"} if dashboard else {}), **kwargs)
     if not verbose:
         native_stderr_to_ray_logs()
+
+
+def pin_local_address() -> None:
+    """Give the local instance about to start a GCS port chosen here, and its processes that address
+    as $RAY_ADDRESS. Ray's own helpers that look the cluster up without an address (the State API
+    behind Ray Train's placement-group cleaner) otherwise fail when another Ray instance runs on
+    the machine ("Found multiple active Ray instances"), and a stopped trial's CPUs stay reserved."""
+    import socket
+
+    from ray.util import get_node_ip_address
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{port}"  # inherited by the instance's processes
 
 
 def local_token_auth() -> None:
