@@ -9,7 +9,7 @@ from typing import Any
 
 from raycv.config import DataSection
 from raycv.data.presets import IMAGENET_MEAN, IMAGENET_STD
-from raycv.data.registry import DatasetEntry, DatasetSplits, _DATASETS
+from raycv.data.registry import DatasetEntry, DatasetSplits, replace_dataset
 from raycv.errors import UserError
 
 NAME = "python"
@@ -71,4 +71,4 @@ def register_objects(data: Any) -> None:
         return DatasetSplits(list(classes), train, val, n_train, n_val, tuple(cfg.mean or IMAGENET_MEAN),
                              tuple(cfg.std or IMAGENET_STD))
 
-    _DATASETS[NAME] = DatasetEntry(NAME, build, "a dataset handed to raycv.train(data=...) in this process", False)
+    replace_dataset(DatasetEntry(NAME, build, "a dataset handed to raycv.train(data=...) in this process", False))

@@ -52,6 +52,12 @@ def register_dataset(name: str, *, description: str, needs_root: bool = False, t
     return wrap
 
 
+def replace_dataset(entry: DatasetEntry) -> None:
+    """Register `entry` under its name, replacing an earlier one: for datasets that live in this
+    process only (raycv.train(data=...))."""
+    _DATASETS[entry.name] = entry
+
+
 def get_dataset_entry(name: str) -> DatasetEntry:
     if name not in _DATASETS:
         from raycv import plugins

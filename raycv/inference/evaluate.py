@@ -215,11 +215,9 @@ def _found_annotations(paths: list[str]) -> list[tuple[str, list[str], list[dict
     for root in yolo_roots:
         if root and exists(f"{root}/data.yaml"):
             found += _annotation_sets(root)
-    for root in parents:
-        if root.endswith("/JPEGImages") or is_dir(f"{root}/Annotations"):
-            voc = root.removesuffix("/JPEGImages")
-            if is_dir(f"{voc}/Annotations") and not any(w == f"{voc}/Annotations" for w, _, _ in found):
-                found += _annotation_sets(voc)
+    for root in parents:  # <root>/JPEGImages/<file>: parents holds <root>
+        if is_dir(f"{root}/Annotations"):
+            found += _annotation_sets(root)
     return found
 
 
