@@ -97,6 +97,36 @@ def digits_run(ray_session, tmp_path_factory):
                            checkpoint=copies / Path(summary.best_checkpoint).name)
 
 
+# A deterministic 2-worker digits recipe: test_recipe runs it again on the session cluster and
+# test_multinode on two nodes; both must end with the fixture's weights bit for bit.
+DETERMINISTIC = ["train.epochs=2", "train.deterministic=true", "scaling.num_workers=2", "data.augment=light",
+                 "train.mixup_alpha=0.2"]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """The two run folders' last checkpoints hold equal tensors and their logs equal losses."""
+    import json
+
+    import torch
+
+    from raycv.training import checkpoint as ckpt
+
+    one, two = (ckpt.load_state_dict(d / "checkpoint_epoch_0002") for d in (a, b))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    losses = [[json.loads(ln)["train_loss"] for ln in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b)]
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+
+
+@pytest.fixture(scope="session")
+def deterministic_run(ray_session, tmp_path_factory):
+    """-> the run folder of one `DETERMINISTIC` run on the session cluster (made once)."""
+    from raycv.cli import main
+
+    storage = tmp_path_factory.mktemp("deterministic")
+    assert main(["train", *DETERMINISTIC, f"run.storage_path={storage}", "run.name=det"]) == 0
+    return storage / "det"
+
+
 @pytest.fixture
 def stand_in_weights(monkeypatch):
     """Tests plant freshly initialized weights under torchvision's file names (no download here):

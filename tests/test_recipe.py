@@ -14,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import DETERMINISTIC, assert_same_run
+
 from raycv.cli import main
 from raycv.config import load_config
 from raycv.errors import UserError
@@ -113,20 +115,13 @@ def test_early_stopping_ends_the_run_and_says_so(ray_session, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_deterministic_runs_give_identical_weights(ray_session, tmp_path, capsys):
-    """train.deterministic=true: two 2-worker runs of the same config end with the same weights, bit
-    for bit (each rank's part of the data and its order are fixed, augmentation and MixUp draw on the
-    training thread in batch order, the thread count is fixed). Without it the same two runs differ
-    (measured: up to 0.08 apart in a weight)."""
-    args = ["train", "train.epochs=2", "train.deterministic=true", "scaling.num_workers=2", "data.augment=light",
-            "train.mixup_alpha=0.2", f"run.storage_path={tmp_path}"]
-    for name in ("one", "two"):
-        assert main([*args, f"run.name={name}"]) == 0, capsys.readouterr().err
-    one = ckpt.load_state_dict(tmp_path / "one" / "checkpoint_epoch_0002")
-    two = ckpt.load_state_dict(tmp_path / "two" / "checkpoint_epoch_0002")
-    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
-    logs = [(tmp_path / n / "metrics.jsonl").read_text().splitlines() for n in ("one", "two")]
-    assert [json.loads(ln)["train_loss"] for ln in logs[0]] == [json.loads(ln)["train_loss"] for ln in logs[1]]
+def test_deterministic_runs_give_identical_weights(deterministic_run, tmp_path, capsys):
+    """train.deterministic=true: a second 2-worker run of the same config ends with the same weights,
+    bit for bit (each rank's part of the data and its order are fixed, augmentation and MixUp draw on
+    the training thread in batch order, the thread count is fixed). Without it the same two runs
+    differ (measured: up to 0.08 apart in a weight)."""
+    assert main(["train", *DETERMINISTIC, f"run.storage_path={tmp_path}", "run.name=two"]) == 0, capsys.readouterr().err
+    assert_same_run(deterministic_run, tmp_path / "two")
 
 
 def test_weight_decay_skips_norm_and_bias():

@@ -87,12 +87,16 @@ class Head:
 
 def local_cluster(prefix: str):
     """A `ray.cluster_utils.Cluster` whose 1-CPU head has its own temp dir and ports; -> (cluster,
-    temp dir for the nodes added to it)."""
+    temp dir for the nodes added to it). Run in a helper process: it sets this process's RAY_TMPDIR."""
     import tempfile
 
     from ray.cluster_utils import Cluster
 
     temp = tempfile.mkdtemp(prefix=prefix)
+    # Cluster writes the head's address for auto-discovery into $RAY_TMPDIR/ray (default /tmp/ray,
+    # shared with every Ray instance on the host and absent on a fresh machine): keep it in ours.
+    os.environ["RAY_TMPDIR"] = temp
+    os.makedirs(os.path.join(temp, "ray"))
     return Cluster(initialize_head=True, head_node_args=dict(
         num_cpus=1, gcs_server_port=free_port(), temp_dir=temp, include_dashboard=False,
         dashboard_agent_listen_port=free_port())), temp
