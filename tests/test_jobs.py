@@ -18,6 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from helpers.head import RAY, Head, clean_env
 
@@ -249,3 +250,19 @@ def test_a_plugin_travels_with_the_jobs_working_directory(head, tmp_path, monkey
                "--output", str(tmp_path / "preds"), env=head.env)
     assert r.returncode == 0 and "40 rows (40 ok, 0 errors)" in r.stdout, (r.stdout + r.stderr)[-3000:]
     assert json.loads((tmp_path / "preds" / "_raycv_manifest.json").read_text())["rows"] == 40
+
+
+@pytest.mark.slow
+def test_a_search_runs_as_a_job(head, tmp_path):
+    """`raycv submit tune` on the head: jobs/tune.py runs the search on the cluster the job is given
+    (two 1-epoch trials, one at a time) and writes its results where the recipe says."""
+    r = _raycv("submit", "--address", head.address, "--wait", "--submission-id", "rcv-tune-1",
+               "--entrypoint-num-cpus", "0.25", "tune", "--config", "jobs/configs/digits_tune.yaml",
+               "tune.num_samples=2", "train.epochs=1", f"run.storage_path={tmp_path}", "run.name=search",
+               env=head.env, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "job rcv-tune-1: SUCCEEDED" in r.stdout and "best: trial" in r.stdout, r.stdout[-3000:]
+    table = pq.read_table(tmp_path / "search" / "tune_results.parquet").to_pylist()
+    assert len(table) == 2 and all(t["status"] == "done" and t["epochs"] == 1 for t in table), table
+    assert (tmp_path / "search" / "best_config.yaml").is_file()
+    assert head.client().get_job_info("rcv-tune-1").metadata["raycv_verb"] == "tune"

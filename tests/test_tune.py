@@ -118,7 +118,8 @@ def test_a_search_stops_trials_early_writes_its_results_and_continues_by_name(tm
 
 
 def test_a_search_submits_as_a_job_through_jobs_tune_py():
-    """`raycv submit tune ...` checks the search here and submits jobs/tune.py, which runs `raycv tune`."""
+    """`raycv submit tune ...` checks the search here and submits jobs/tune.py, which runs `raycv tune`
+    (run on a head by tests/test_jobs.py::test_a_search_runs_as_a_job)."""
     from raycv import submit
     from raycv.errors import ConfigError
 
