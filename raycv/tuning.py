@@ -95,9 +95,30 @@ def _trial_fn(base: dict[str, Any], storage: str) -> Callable[[dict[str, Any]], 
 
         trial_id = tune.get_context().get_trial_id()
         cfg = trial_config(base, params, storage=storage, trial_id=trial_id)
-        fit(cfg, callbacks=[TuneReportCallback()])
+        summary = fit(cfg, callbacks=[TuneReportCallback()])
+        if summary.resumed_from_epoch and summary.resumed_from_epoch >= summary.epochs:
+            # The run had ended before this call (the search stopped between the run's end and
+            # Tune's record of it) and trained nothing now: Tune still needs the trial's result.
+            tune.report(last_epoch(summary.run_dir))
 
     return run_trial
+
+
+def last_epoch(run_dir: str) -> dict[str, Any]:
+    """The numbers of a run's last logged epoch (its metrics.jsonl), as the run reported them."""
+    import json
+
+    lines = (fsio.read_text(fsio.join(run_dir, "metrics.jsonl")) or "").splitlines()
+    if not lines:
+        raise UserError(f"{run_dir} has checkpoints but no metrics.jsonl line: it is not a raycv run this search can read")
+    last = json.loads(lines[-1])
+    return {k: v for k, v in last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _has_state(experiment: str) -> bool:
+    """Whether Tune saved the search's state there (a search stopped before its first save left
+    only tuner.pkl: restoring that runs fewer trials than asked, so it starts again)."""
+    return any(n.startswith("experiment_state") for n in fsio.list_names(experiment))
 
 
 def plan_trials(cfg: TuneConfig, total_cpus: float) -> tuple[int, float]:
@@ -159,7 +180,7 @@ def tune_search(cfg: TuneConfig, echo: Callable[[str], None] = print) -> TuneSum
     # (taken from the scaling.data_cpus every trial leaves free).
     trainable = tune.with_resources(_trial_fn(base, trials_dir), {"CPU": TRIAL_DRIVER_CPUS})
     experiment = fsio.join(run_dir, "tune")
-    restored = tune.Tuner.can_restore(experiment)
+    restored = tune.Tuner.can_restore(experiment) and _has_state(experiment)
     if restored:
         echo(f"raycv tune: continuing the search in {run_dir} (finished trials are not run again)")
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)

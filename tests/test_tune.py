@@ -130,3 +130,48 @@ def test_a_search_submits_as_a_job_through_jobs_tune_py():
     assert submit.entrypoint("tune", ["--config", "jobs/configs/digits_tune.yaml"], REPO) == \
         "python jobs/tune.py --config jobs/configs/digits_tune.yaml"
     assert "main([\"tune\", *sys.argv[1:]])" in (REPO / "jobs" / "tune.py").read_text()
+
+
+@pytest.mark.slow
+def test_a_search_stopped_before_tune_saved_or_recorded_a_trial_continues_whole(tmp_path):
+    """Two ways a search stops that Tune's own restore gets wrong: before its first save (only
+    tuner.pkl is there: restoring that ran 1 of 2 trials, without their parameters), and between a
+    trial's run ending and Tune recording it (the restored trial trains nothing and reported no
+    metric: Tune failed the search). raycv starts the first again and reports the second's last epoch."""
+    import re
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    args = [sys.executable, "-m", "raycv.cli", "tune", "--config", str(RECIPE), "train.epochs=1", "tune.num_samples=2",
+            f"run.storage_path={tmp_path}", "run.name=s"]
+    run = tmp_path / "s"
+    # Its stdout closed before it writes: the search stops at its first line, after Tune's Tuner
+    # has saved tuner.pkl and before the search starts (the line comes just before Tuner.fit).
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=tmp_path, env=env)
+    first.stdout.close()
+    assert first.wait(timeout=300) != 0
+    assert (run / "tune" / "tuner.pkl").is_file() and not list((run / "tune").glob("experiment_state*"))
+    assert not (run / "trials").exists()
+
+    second = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    assert "continuing" not in second.stdout and "2 trials" in second.stdout, second.stdout
+    table = pq.read_table(run / "tune_results.parquet").to_pylist()
+    assert len(table) == 2 and all(r["status"] == "done" and r["param.optim.lr"] > 0 for r in table), table
+
+    # What a driver that died after a trial's run ended, before Tune recorded it, leaves behind.
+    state = next((run / "tune").glob("experiment_state-*.json"))
+    saved = json.loads(state.read_text())
+    trial = json.loads(saved["trial_data"][1][0])
+    assert trial["status"] == "TERMINATED"
+    saved["trial_data"][1][0] = saved["trial_data"][1][0].replace('"status": "TERMINATED"', '"status": "RUNNING"')
+    state.write_text(json.dumps(saved))
+    log = Path(table[1]["run_dir"]) / "metrics.jsonl"
+    before = log.read_text()
+
+    third = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert third.returncode == 0, (third.stdout + third.stderr)[-3000:]
+    assert "continuing the search" in third.stdout and log.read_text() == before  # nothing trained again
+    again = {r["trial_id"]: r for r in pq.read_table(run / "tune_results.parquet").to_pylist()}
+    assert again[table[1]["trial_id"]]["best_val_accuracy"] == table[1]["best_val_accuracy"]
+    assert all(r["status"] == "done" for r in again.values()) and len(again) == 2
+    assert re.search(rf"trial {trial['trial_id']}: epoch 1 val_accuracy", third.stdout), third.stdout
