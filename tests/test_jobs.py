@@ -255,14 +255,18 @@ def test_a_plugin_travels_with_the_jobs_working_directory(head, tmp_path, monkey
 @pytest.mark.slow
 def test_a_search_runs_as_a_job(head, tmp_path):
     """`raycv submit tune` on the head: jobs/tune.py runs the search on the cluster the job is given
-    (two 1-epoch trials, one at a time) and writes its results where the recipe says."""
+    (two 1-epoch trials, one at a time, their values chosen by Optuna) and writes its results where
+    the recipe says."""
     r = _raycv("submit", "--address", head.address, "--wait", "--submission-id", "rcv-tune-1",
                "--entrypoint-num-cpus", "0.25", "tune", "--config", "jobs/configs/digits_tune.yaml",
-               "tune.num_samples=2", "train.epochs=1", f"run.storage_path={tmp_path}", "run.name=search",
-               env=head.env, timeout=600)
+               "tune.num_samples=2", "train.epochs=1", "tune.search=optuna", f"run.storage_path={tmp_path}",
+               "run.name=search", env=head.env, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "job rcv-tune-1: SUCCEEDED" in r.stdout and "best: trial" in r.stdout, r.stdout[-3000:]
+    assert "search optuna" in r.stdout and list((tmp_path / "search" / "tune").glob("searcher-state-*.pkl"))  # Optuna's
+    assert not list((tmp_path / "search" / "tune").glob("basic-variant-state-*"))  # not the random search's
     table = pq.read_table(tmp_path / "search" / "tune_results.parquet").to_pylist()
     assert len(table) == 2 and all(t["status"] == "done" and t["epochs"] == 1 for t in table), table
+    assert all(1e-5 <= t["param.optim.lr"] <= 0.1 and t["param.data.augment"] in ("none", "light") for t in table)
     assert (tmp_path / "search" / "best_config.yaml").is_file()
     assert head.client().get_job_info("rcv-tune-1").metadata["raycv_verb"] == "tune"

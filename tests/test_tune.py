@@ -40,12 +40,8 @@ def test_a_bad_search_is_one_line_before_ray_starts(overrides, message, monkeypa
     assert err.count("\n") == 0 and err.startswith("raycv tune: error: ") and message in err, err
 
 
-def test_optuna_is_an_extra_asked_for_in_one_line(capsys):
-    try:
-        import optuna  # noqa: F401
-        pytest.skip("optuna is installed here")
-    except ImportError:
-        pass
+def test_optuna_is_an_extra_asked_for_in_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as where it is not installed: `import optuna` fails
     assert main(["tune", "--config", str(RECIPE), "tune.search=optuna"]) == 2
     assert capsys.readouterr().err.strip() == ("raycv tune: error: tune.search=optuna needs Optuna: "
                                               "pip install 'raycv[optuna]'")
