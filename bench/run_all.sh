@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every benchmark table in the README, in one command, with the README's sizes: training and
-# where its CPU goes, decode-bound and compute-bound inference and where its CPU goes, and the GPU
+# Every benchmark table in the README, in one command, with the README's sizes: training, where
+# its CPU goes and its start-up against a plain PyTorch script, decode-bound and compute-bound inference and where its CPU goes, and the GPU
 # script when torch sees a CUDA GPU. Results go to bench/results/ (the files the README cites).
 #
 #   bash bench/run_all.sh            # the README's figures
@@ -12,6 +12,7 @@ if [ "${1:-}" = "--quick" ]; then
     out=$(mktemp -d -t raycv-bench-XXXXXX)
     python bench/train_bench.py --epochs 2 --json "$out/train.json"
     python bench/train_cpu.py --epochs 2 --reps 1 --json "$out/train_cpu.json"
+    python bench/train_startup.py --epochs 1 --rounds 1 --json "$out/train_startup.json"
     python bench/infer_bench.py --images 16 --scale 2 --size 32 --json "$out/infer_64.json"
     python bench/infer_cpu.py --images 16 --size 32 --json "$out/infer_cpu.json"
     python bench/scale_bench.py --rows 300 --folder 50 --work "$out/scale-work" --json "$out/scale.json"
@@ -19,6 +20,7 @@ if [ "${1:-}" = "--quick" ]; then
 else
     python bench/train_bench.py --epochs 4 --json "$out/train.json"
     python bench/train_cpu.py --epochs 6 --reps 3 --json "$out/train_cpu.json"
+    python bench/train_startup.py --epochs 10 --rounds 2 --json "$out/train_startup.json"
     python bench/infer_bench.py --images 600 --scale 10 --size 64 --json "$out/infer_64.json"
     python bench/infer_bench.py --images 200 --scale 10 --size 224 --json "$out/infer_224.json"
     python bench/infer_cpu.py --images 600 --size 224 --json "$out/infer_cpu.json"

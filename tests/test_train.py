@@ -50,6 +50,11 @@ def test_two_workers_train_checkpoint_and_resume(digits_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best_checkpoint"] == s.best_checkpoint and summary["images_per_second"] > 0
     assert summary["epochs"] == 2 and "val_accuracy" in summary
+    # Where the start-up went, in seconds from this process's start: the driver's marks, then rank 0's.
+    marks = ["fit", "ray", "trainer_fit", "loop_entered", "model_ready", "first_batch", "first_step"]
+    st = summary["startup"]
+    assert set(st) == {*marks, "worker_process"} and [st[k] for k in marks] == sorted(st[k] for k in marks)
+    assert st["worker_process"] <= st["loop_entered"]  # the worker's imports lie between (its process may be pooled)
     assert (run_dir / "config.yaml").is_file()
 
     # Same run.name, more epochs: continues at epoch 3 from the epoch-2 checkpoint; 1-2 untouched.

@@ -47,6 +47,9 @@ class TrainSummary:
     task: str = "classification"
     checkpoint_metric: str = "val_accuracy"
     metrics: dict | None = None  # the best checkpoint's validation metrics (every task's)
+    # seconds from this process's start: fit called, Ray joined, data and model built, TorchTrainer.fit
+    # called, rank 0's process started, its loop entered, its model ready, first batch, first step
+    startup: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -138,6 +141,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list |
     TuneReportCallback)."""
     echo = _redacted(echo)
     t_start = time.perf_counter()
+    marks = {"fit": time.time()}
     plugins.load(cfg.run.plugins)  # a plugin that fails to import, or takes a name, fails here, before Ray starts
     task = check_source(cfg.data).task  # unknown model or dataset, missing files, a mismatch: fail before Ray starts
     if cfg.model.init_from and not fsio.exists(cfg.model.init_from):
@@ -161,6 +165,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list |
     run_dir = fsio.join(storage, name)  # a local folder, a shared mount, or an object-storage URI
     resumed_from = _check_resume(cfg, run_dir, echo)
     runtime.connect(cfg.run.address, verbose=cfg.run.verbose)
+    marks["ray"] = time.time()
     budget = runtime.cpu_budget()
     resources, threads = runtime.plan_worker_resources(
         num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
@@ -227,6 +232,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list |
     )
     progress = TrainProgress(run_dir, echo, since=time.time())
     progress.start()
+    marks["trainer_fit"] = time.time()
     try:
         result = trainer.fit()
     finally:
@@ -245,6 +251,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list |
         metrics={k: v for k, v in best_metrics.items() if k.startswith("val_")},
     )
     summary.early_stopped = summary.epochs < cfg.train.epochs
+    summary.startup = _startup(marks, run_dir)
     try:
         from raycv.training.report import write_report
 
@@ -255,6 +262,20 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list |
     if mlflow_uri:
         _mlflow_artifacts(mlflow_uri, run_dir, echo)
     return summary
+
+
+def _startup(marks: dict[str, float], run_dir: str) -> dict[str, float]:
+    """Seconds from this process's start to each mark, then to rank 0's (its last attempt's
+    startup.json, when it wrote one); all wall-clock, on one machine's clock or the cluster's."""
+    import psutil
+
+    from raycv.training.tracking import STARTUP
+
+    zero = psutil.Process().create_time()
+    worker = json.loads(fsio.read_text(fsio.join(run_dir, STARTUP)) or "{}")
+    if worker.get("first_step", 0) < marks["trainer_fit"]:  # an earlier run's: this one trained nothing
+        worker = {}
+    return {k: round(t - zero, 2) for k, t in {**marks, **worker}.items()}
 
 
 def _fixed_parts(ds: ray.data.Dataset, cfg: TrainConfig) -> list | None:

@@ -16,6 +16,7 @@ from raycv.data import io as fsio
 
 METRICS_LOG = "metrics.jsonl"  # one line per epoch
 STEPS_LOG = "steps.jsonl"  # one line every `train.log_every_steps` optimizer steps
+STARTUP = "startup.json"  # when rank 0's process started, its loop began, its first step ended
 PROGRESS = "progress.json"  # where the current epoch stands, rewritten every few seconds (the driver shows it)
 TENSORBOARD = "tensorboard"
 MLFLOW_RUN_ID = "mlflow_run_id"  # the MLflow run this run logs to: a resumed run continues it
@@ -50,6 +51,14 @@ class RunLogger:
         self.mlflow = open_mlflow(run_dir, **mlflow) if mlflow else None
         self.progress_every_s = 5.0 if "://" in run_dir else 2.0  # object storage: fewer PUTs
         self._progress_at, self._progress_epoch = 0.0, None
+
+    def startup(self, times: dict[str, float]) -> None:
+        """Rank 0's start-up of this attempt (wall-clock times: its process started, the training
+        function entered, the model ready, the first batch, the first step), for the driver."""
+        try:
+            fsio.write_text(fsio.join(self.run_dir, STARTUP), json.dumps(times))
+        except OSError:
+            pass
 
     def progress(self, *, epoch: int, epochs: int, images: int, total: int, seconds: float) -> None:
         """Where the epoch stands (`images` of `total`, all ranks): at an epoch's first batch, then

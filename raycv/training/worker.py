@@ -43,6 +43,7 @@ def _worker_nodes(rank: int, world: int) -> list[str]:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    loop_entered = time.time()  # this module's imports (torch, torchvision, Ray Train) are done
     cfg = TrainConfig.model_validate(config["cfg"])
     from raycv import plugins
 
@@ -131,6 +132,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return tc.seed * 1_000_000 + rank * 1000 + epoch if tc.deterministic else None
 
     order = torch.Generator().manual_seed(tc.seed * 1000 + rank)
+    startup = None
+    if rank == 0:  # where this attempt's start-up went, as wall-clock times (startup.json)
+        import psutil
+
+        startup = {"worker_process": psutil.Process().create_time(), "loop_entered": loop_entered,
+                   "model_ready": time.time()}
     higher_is_better = tc.checkpoint_metric != "val_loss"
 
     for epoch in range(start_epoch, tc.epochs + 1):
@@ -145,6 +152,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                      prefetch_batches=2, local_shuffle_buffer_size=4 * cfg.data.batch_size,
                                                      local_shuffle_seed=shuffle_seed(epoch))
         for batch in batches:
+            if startup is not None and "first_batch" not in startup:
+                startup["first_batch"] = time.time()
             if defer:
                 batch = collate.augment(batch)
             x = train_preset.normalize(batch["image"].to(device))  # (B, C, H, W) float32
@@ -153,6 +162,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss = result.loss.item()  # one device sync per batch
             if result.stepped and log is not None:
                 log.step(epoch=epoch, loss=loss, lr=optimizer.param_groups[0]["lr"], grad_norm=result.grad_norm)
+            if startup is not None and "first_step" not in startup:
+                startup["first_step"] = time.time()
+                log.startup(startup)
             loss_sum += loss * x.shape[0]
             seen += x.shape[0]
             if log is not None:
