@@ -108,7 +108,9 @@ def last_epoch(run_dir: str) -> dict[str, Any]:
     """The numbers of a run's last logged epoch (its metrics.jsonl), as the run reported them."""
     import json
 
-    lines = (fsio.read_text(fsio.join(run_dir, "metrics.jsonl")) or "").splitlines()
+    from raycv.training.tracking import METRICS_LOG
+
+    lines = (fsio.read_text(fsio.join(run_dir, METRICS_LOG)) or "").splitlines()
     if not lines:
         raise UserError(f"{run_dir} has checkpoints but no metrics.jsonl line: it is not a raycv run this search can read")
     last = json.loads(lines[-1])

@@ -25,9 +25,9 @@ from raycv.data.presets import (ClassificationEvalPreset, ClassificationTrainPre
 from raycv.errors import UserError
 from raycv.models import get_model, get_model_entry
 from raycv.redact import redact, redact_tree
-from raycv.training.tracking import METRICS_LOG
 from raycv.training.entry import ExactValSplit, train_loop
 from raycv.training.progress import TrainProgress
+from raycv.training.tracking import METRICS_LOG, startup_marks
 
 
 @dataclass
@@ -47,8 +47,8 @@ class TrainSummary:
     task: str = "classification"
     checkpoint_metric: str = "val_accuracy"
     metrics: dict | None = None  # the best checkpoint's validation metrics (every task's)
-    # seconds from this process's start: fit called, Ray joined, data and model built, TorchTrainer.fit
-    # called, rank 0's process started, its loop entered, its model ready, first batch, first step
+    # seconds from this process's start: fit called, Ray joined, TorchTrainer.fit called; rank 0's process
+    # started, its training function entered, its model ready, its first batch, its first step
     startup: dict | None = None
 
     def to_json(self) -> dict:
@@ -251,7 +251,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list |
         metrics={k: v for k, v in best_metrics.items() if k.startswith("val_")},
     )
     summary.early_stopped = summary.epochs < cfg.train.epochs
-    summary.startup = _startup(marks, run_dir)
+    summary.startup = startup_marks(marks, run_dir)
     try:
         from raycv.training.report import write_report
 
@@ -262,20 +262,6 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list |
     if mlflow_uri:
         _mlflow_artifacts(mlflow_uri, run_dir, echo)
     return summary
-
-
-def _startup(marks: dict[str, float], run_dir: str) -> dict[str, float]:
-    """Seconds from this process's start to each mark, then to rank 0's (its last attempt's
-    startup.json, when it wrote one); all wall-clock, on one machine's clock or the cluster's."""
-    import psutil
-
-    from raycv.training.tracking import STARTUP
-
-    zero = psutil.Process().create_time()
-    worker = json.loads(fsio.read_text(fsio.join(run_dir, STARTUP)) or "{}")
-    if worker.get("first_step", 0) < marks["trainer_fit"]:  # an earlier run's: this one trained nothing
-        worker = {}
-    return {k: round(t - zero, 2) for k, t in {**marks, **worker}.items()}
 
 
 def _fixed_parts(ds: ray.data.Dataset, cfg: TrainConfig) -> list | None:

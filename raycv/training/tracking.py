@@ -174,3 +174,15 @@ def open_mlflow(run_dir: str, *, tracking_uri: str, experiment: str, run_name: s
     if not existing:
         fsio.write_text(id_file, mlflow.active_run().info.run_id)
     return mlflow
+
+
+def startup_marks(marks: dict[str, float], run_dir: str) -> dict[str, float]:
+    """Seconds from this process's start to each of the driver's `marks` (wall-clock times), then to
+    rank 0's from the run's startup.json (its last attempt's, when that attempt trained a step)."""
+    import psutil
+
+    zero = psutil.Process().create_time()
+    worker = json.loads(fsio.read_text(fsio.join(run_dir, STARTUP)) or "{}")
+    if worker.get("first_step", 0) < marks["trainer_fit"]:  # an earlier run's: this one trained nothing
+        worker = {}
+    return {k: round(t - zero, 2) for k, t in {**marks, **worker}.items()}
