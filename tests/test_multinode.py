@@ -51,6 +51,7 @@ def test_node_removed_mid_inference_every_input_exactly_once(many_images, tmp_pa
     assert out["alive_nodes"] == 3  # head + the two accelerator nodes left
     assert (out["actors_before"], out["spare_nodes"]) == (2, 1)
     assert out["restarted_on_spare"], "the lost predictor actor did not come back on the spare node"
+    assert out["counter_on_head"]  # the progress counter lives on the driver's node, not on one that may leave
     paths = read_output(str(tmp_path / "out")).column("path").to_pylist()
     assert len(paths) == len(set(paths)) == N_MANY and set(paths) == {str(p) for p in images.rglob("*.png")}
 

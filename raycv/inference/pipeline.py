@@ -20,7 +20,7 @@ from raycv.data.presets import ClassificationEvalPreset, DetectionEvalPreset, Se
 from raycv.errors import UserError, find_storage_error
 from raycv.inference.output import OutputLocation
 from raycv.inference.predictor import PREDICTORS
-from raycv.inference.progress import ProgressLine, RowCounter
+from raycv.inference.progress import ProgressLine, row_counter
 from raycv.inference.schema import file_metadata, output_schema
 from raycv.inference.shards import ShardSink
 from raycv.inference.source import check_input, open_input, registry_data
@@ -161,7 +161,7 @@ def run_inference(cfg: InferConfig) -> InferSummary:
     startup = {"run": age0, "ray": age0 + time.perf_counter() - t0}
     base, prior = out.prepare(cfg.infer.mode)
     try:
-        counter = RowCounter.remote()
+        counter = row_counter()
         inputs = open_input(cfg, out, prior, counter, data)
         decode_cpus = cfg.data.decode_cpus
         budget = runtime.cpu_budget()

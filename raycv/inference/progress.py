@@ -40,6 +40,15 @@ class RowCounter:
         return self.rows, self.total, self.units
 
 
+def row_counter():
+    """A RowCounter on the driver's own node: on any other node it dies with that node (a spot
+    node, an autoscaler scaling down) and takes the run's progress and start-up figures with it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return RowCounter.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
+
+
 class ProgressLine(threading.Thread):
     """Polls the row counter and shows it: a bar with rows/s and time left on a terminal, a line
     every 10 s in a log."""

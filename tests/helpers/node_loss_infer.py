@@ -38,6 +38,7 @@ def main(checkpoint: str, images: str, output: str) -> None:
             time.sleep(0.2)
         time.sleep(3)  # mid-run: the actors have loaded the model and predicted some batches
         busy = [n for n in workers if hosts(n, "ClassificationPredictor")]
+        counter_on_head = hosts(cluster.head_node, "RowCounter")  # the driver's node: never removed here
         victim, spare = busy[0], [n for n in workers if n not in busy]
         alive_at_removal = thread.is_alive()
         cluster.remove_node(victim)
@@ -51,7 +52,7 @@ def main(checkpoint: str, images: str, output: str) -> None:
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         print(json.dumps({"summary": result["s"].to_json(), "alive_at_removal": alive_at_removal,
                           "alive_nodes": len(nodes), "actors_before": len(busy), "spare_nodes": len(spare),
-                          "restarted_on_spare": restarted_on_spare}))
+                          "restarted_on_spare": restarted_on_spare, "counter_on_head": counter_on_head}))
         ray.shutdown()
     finally:
         cluster.shutdown()
