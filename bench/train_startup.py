@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from _report import report  # noqa: E402
 
 
-# raycv's start-up marks (raycv/training/driver.py `_startup`): the driver called fit (imports and the
+# raycv's start-up marks (raycv/training/tracking.py `startup_marks`): the driver called fit (imports and the
 # CLI done), joined or started Ray, called TorchTrainer.fit; rank 0's process started, entered the
 # training function (its imports done), had its model ready, got its first batch, ended its first step.
 STAGES = ("fit", "ray", "trainer_fit", "worker_process", "loop_entered", "model_ready", "first_batch", "first_step")
