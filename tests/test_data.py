@@ -308,13 +308,12 @@ def test_webdataset_shards_read_as_samples_with_their_labels(ray_session, tmp_pa
         build_dataset(cfg)
 
 
-@pytest.mark.slow
-def test_a_hugging_face_datasetdict_trains_through_the_python_api(ray_session, tmp_path):
+def _digits_datasetdict(names: list[str]):
+    """300 bundled digits as a Hugging Face DatasetDict: train (240) and test (60), an Image column
+    and a ClassLabel with `names`."""
     datasets = pytest.importorskip("datasets")
-    import raycv
     from raycv.data.bundled import digits_root
 
-    names = [f"digit {i}" for i in range(10)]
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
     files = sorted(digits_root().glob("*/*.png"))[::6]
 
@@ -322,7 +321,55 @@ def test_a_hugging_face_datasetdict_trains_through_the_python_api(ray_session, t
         return datasets.Dataset.from_dict({"image": [{"bytes": f.read_bytes(), "path": f.name} for f in chosen],
                                            "label": [int(f.parent.name) for f in chosen]}, features=features)
 
-    dd = datasets.DatasetDict({"train": split([f for i, f in enumerate(files) if i % 5]), "test": split(files[::5])})
+    return datasets.DatasetDict({"train": split([f for i, f in enumerate(files) if i % 5]), "test": split(files[::5])})
+
+
+def test_a_saved_hugging_face_datasetdict_reads_from_its_arrow_files(ray_session, tmp_path):
+    names = [f"digit {i}" for i in range(10)]
+    dd = _digits_datasetdict(names)
+    dd.save_to_disk(str(tmp_path / "saved"), num_shards={"train": 3, "test": 2})  # several Arrow files per split
+    assert len(list((tmp_path / "saved" / "train").glob("*.arrow"))) > 1
+    splits = build_dataset(DataSection(name="huggingface", root=str(tmp_path / "saved")))
+    assert splits.classes == names and (splits.num_train, splits.num_val) == (len(dd["train"]), len(dd["test"]))
+    rows = splits.val.take_all()
+    assert [r["label"] for r in rows] == dd["test"]["label"]
+    undecoded = dd["test"].cast_column("image", __import__("datasets").Image(decode=False))["image"]
+    assert [r["path"] for r in rows] == [v["path"] for v in undecoded]
+    assert all(r["bytes"][:4] == b"\x89PNG" for r in rows)
+    # a Parquet export under the same name reads through the parquet source
+    _hugging_face_parquet(tmp_path / "export", names)
+    assert build_dataset(DataSection(name="huggingface", root=str(tmp_path / "export"))).classes == names
+    # mistakes: one line each
+    (tmp_path / "saved" / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    with pytest.raises(UserError, match="needs a 'train' split and one of validation, valid, val, test; it has train$"):
+        build_dataset(DataSection(name="huggingface", root=str(tmp_path / "saved")))
+    (tmp_path / "saved" / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
+    with pytest.raises(UserError, match="has no column 'img'"):
+        build_dataset(DataSection(name="huggingface", root=str(tmp_path / "saved"), image_column="img"))
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "a.txt").write_text("x")
+    with pytest.raises(UserError, match="neither a saved DatasetDict .* nor a Parquet export"):
+        build_dataset(DataSection(name="huggingface", root=str(tmp_path / "plain")))
+
+
+@pytest.mark.slow
+def test_a_saved_hugging_face_datasetdict_trains(ray_session, tmp_path):
+    import raycv
+
+    names = [f"digit {i}" for i in range(10)]
+    _digits_datasetdict(names).save_to_disk(str(tmp_path / "saved"))
+    s = raycv.train(overrides={"data.name": "huggingface", "data.root": str(tmp_path / "saved"), "train.epochs": 1,
+                               "scaling.num_workers": 1, "run.storage_path": str(tmp_path), "run.name": "saved"})
+    assert s.epochs == 1 and s.val_accuracy > 0.2  # 10 classes: chance is 0.1
+    assert raycv.load(tmp_path / "saved").classes == names
+
+
+@pytest.mark.slow
+def test_a_hugging_face_datasetdict_trains_through_the_python_api(ray_session, tmp_path):
+    import raycv
+
+    names = [f"digit {i}" for i in range(10)]
+    dd = _digits_datasetdict(names)
     s = raycv.train(overrides={"train.epochs": 1, "scaling.num_workers": 1, "run.storage_path": str(tmp_path),
                                "run.name": "hf-objects"}, data=dd)
     assert s.epochs == 1 and s.val_accuracy > 0.2  # 10 classes: chance is 0.1

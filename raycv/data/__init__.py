@@ -10,7 +10,7 @@ __all__ = ["DatasetSplits", "build_dataset", "check_source", "get_dataset_entry"
 def __getattr__(name: str):
     if name not in __all__:
         raise AttributeError(f"module 'raycv.data' has no attribute {name!r}")
-    from raycv.data import detection_formats, detection_sources, segmentation_sources, sources, tar_shards  # noqa: F401  (register datasets)
+    from raycv.data import detection_formats, detection_sources, hf_arrow, segmentation_sources, sources, tar_shards  # noqa: F401  (register datasets)
     from raycv.data import registry
 
     return getattr(registry, name)
