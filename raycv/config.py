@@ -72,6 +72,12 @@ class OptimSection(_Section):
     decay_norm_and_bias: bool = False  # false: normalization weights and biases get no weight decay
 
 
+class DistillSection(_Section):
+    teacher: str | None = None  # a raycv classification checkpoint or run with the same classes; runs beside the student
+    temperature: float = Field(4.0, gt=0.0)  # softens both distributions
+    alpha: float = Field(0.5, ge=0.0, le=1.0)  # weight of the teacher's term; 1 - alpha: the labels' cross-entropy
+
+
 class TrainSection(_Section):
     epochs: int = Field(10, ge=1, le=100_000)
     warmup_epochs: float = Field(1.0, ge=0.0)  # linear warmup from lr * warmup_factor, in epochs
@@ -100,6 +106,7 @@ class TrainSection(_Section):
     log_every_steps: int = Field(50, ge=0)  # rank 0's loss and lr every N optimizer steps (steps.jsonl, TensorBoard); 0: off
     tensorboard: bool = True  # TensorBoard event files in <run>/tensorboard
     early_stop_patience: int | None = Field(None, ge=1)  # stop after this many epochs without a better checkpoint_metric
+    distill: DistillSection = Field(default_factory=DistillSection)  # knowledge distillation (classification)
 
 
 class ScalingSection(_Section):

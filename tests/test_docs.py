@@ -13,7 +13,7 @@ from raycv import config
 REPO = Path(__file__).parents[1]
 SECTIONS = {"data": config.DataSection, "model": config.ModelSection, "optim": config.OptimSection,
             "train": config.TrainSection, "scaling": config.ScalingSection, "run": config.RunSection,
-            "infer": config.InferSection, "tune": config.TuneSection}
+            "infer": config.InferSection, "tune": config.TuneSection, "train.distill": config.DistillSection}
 
 
 def test_every_config_key_is_documented_with_its_default():
@@ -25,6 +25,8 @@ def test_every_config_key_is_documented_with_its_default():
     expected = {}
     for name, section in SECTIONS.items():
         for key, field in section.model_fields.items():
+            if isinstance(field.get_default(call_default_factory=True), config._Section):
+                continue  # a nested section: its keys are rows of their own
             expected[f"{name}.{key}"] = repr(field.get_default(call_default_factory=True))
     assert rows == expected
 

@@ -25,6 +25,7 @@ from raycv.data.presets import (ClassificationEvalPreset, ClassificationTrainPre
 from raycv.errors import UserError
 from raycv.models import get_model, get_model_entry
 from raycv.redact import redact, redact_tree
+from raycv.training.distill import check_teacher
 from raycv.training.entry import ExactValSplit, train_loop
 from raycv.training.progress import TrainProgress
 from raycv.training.tracking import METRICS_LOG, startup_marks
@@ -147,6 +148,8 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list |
     if cfg.model.init_from and not fsio.exists(cfg.model.init_from):
         raise UserError(f"model.init_from does not exist: {cfg.model.init_from}")
     tasks.check_model_fits(task, cfg.model.name, get_model_entry(cfg.model.name).task)
+    if cfg.train.distill.teacher:
+        check_teacher(cfg.train.distill.teacher, task)
     tasks.check_extras(task)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
         "checkpoint_metric": tasks.checkpoint_metric(task, cfg.train.checkpoint_metric)})})
@@ -189,6 +192,8 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list |
         from raycv.training.checkpoint import init_from_checkpoint
 
         init_from_checkpoint(model, cfg.model.init_from, task)
+    if cfg.train.distill.teacher:
+        check_teacher(cfg.train.distill.teacher, task, splits.classes)
     echo(f"raycv: {cfg.model.name} on {cfg.data.name} ({splits.num_train} train / {splits.num_val} val images, "
          f"{len(splits.classes)} classes), "
          f"{f'{cfg.scaling.min_workers}-' if cfg.scaling.min_workers else ''}{cfg.scaling.num_workers} worker(s) "

@@ -39,12 +39,13 @@ class Stepper:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, loss_fn, precision: Precision,
                  batches_per_epoch: int, grad_accum_steps: int = 1, grad_clip_norm: float | None = None, mix=None,
                  ema=None, ema_source: nn.Module | None = None, forward: nn.Module | None = None,
-                 detection: bool = False):
+                 detection: bool = False, distill=None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.loss_fn, self.precision, self.mix = loss_fn, precision, mix
         self.forward = forward if forward is not None else model
         self.batches_per_epoch, self.accum, self.clip = batches_per_epoch, grad_accum_steps, grad_clip_norm
         self.ema, self.ema_source, self.detection = ema, ema_source, detection
+        self.distill = distill  # a Distiller: the loss with a teacher's outputs (raycv.training.distill)
         self.micro = 0
 
     def begin_epoch(self) -> None:
@@ -60,6 +61,8 @@ class Stepper:
         with no_sync(self.model, not last), self.precision.autocast():
             if self.detection:  # torchvision detection models: a list of images and targets in, their loss dict out
                 loss = sum(self.forward(list(self.precision.input(x)), y).values())
+            elif self.distill is not None:
+                loss = self.distill(x, self.forward(self.precision.input(x)), y)
             else:
                 loss = self.loss_fn(self.forward(self.precision.input(x)), y)
         self.precision.scaler.scale(loss / self.accum).backward()
@@ -80,12 +83,20 @@ class Stepper:
 
 def build_stepper(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, cfg: TrainSection, task: str,
                   num_classes: int, precision: Precision, batches_per_epoch: int, ema=None,
-                  ema_source: nn.Module | None = None) -> Stepper:
+                  ema_source: nn.Module | None = None, student_norm=None, device=None) -> Stepper:
     """The step `train.*` asks for: the loss (label smoothing), MixUp/CutMix (classification),
-    accumulation, clipping, the EMA, torch.compile. Detection models compute their own losses."""
-    return Stepper(model, optimizer, scheduler, loss_fn=None if task == "detection" else build_loss(cfg, task),
+    accumulation, clipping, the EMA, torch.compile, a teacher (`train.distill`; `student_norm`: the
+    (mean, std) the batches are normalized with). Detection models compute their own losses."""
+    loss_fn = None if task == "detection" else build_loss(cfg, task)
+    distill = None
+    if cfg.distill.teacher and task == "classification":
+        from raycv.training.distill import build_distiller
+
+        distill = build_distiller(cfg.distill, loss_fn=loss_fn, student_mean=student_norm[0],
+                                  student_std=student_norm[1], device=device or torch.device("cpu"))
+    return Stepper(model, optimizer, scheduler, loss_fn=loss_fn,
                    precision=precision, batches_per_epoch=batches_per_epoch, grad_accum_steps=cfg.grad_accum_steps,
                    grad_clip_norm=cfg.grad_clip_norm,
                    mix=build_batch_mix(cfg, num_classes) if task == "classification" else None,
                    ema=ema, ema_source=ema_source, forward=torch.compile(model) if cfg.compile else None,
-                   detection=task == "detection")
+                   detection=task == "detection", distill=distill)

@@ -118,7 +118,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     raw = ckpt.unwrap(model)
     stepper = build_stepper(model, optimizer, scheduler, cfg=tc, task=task, num_classes=len(classes),
-                            precision=precision, batches_per_epoch=batches_per_epoch, ema=ema, ema_source=raw)
+                            precision=precision, batches_per_epoch=batches_per_epoch, ema=ema, ema_source=raw,
+                            student_norm=(train_preset.mean, train_preset.std), device=device)
     loss_fn = stepper.loss_fn
     nodes = _worker_nodes(rank, world)
     train_shard = ray.train.get_dataset_shard("train")
@@ -143,7 +144,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, tc.epochs + 1):
         model.train()
         t0 = time.perf_counter()
-        loss_sum, seen = 0.0, 0
+        loss_sum, seen, kd_sum = 0.0, 0, torch.zeros((), device=device)
         stepper.begin_epoch()
         if cache is not None and cache.ready:
             batches = cache.batches(cfg.data.batch_size, train_preset, order)
@@ -167,6 +168,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 log.startup(startup)
             loss_sum += loss * x.shape[0]
             seen += x.shape[0]
+            if stepper.distill is not None:  # the teacher's term alone, summed on the device
+                kd_sum += stepper.distill.last_kd * x.shape[0]
             if log is not None:
                 log.progress(epoch=epoch, epochs=tc.epochs, images=seen * world, total=rows_per_rank * world,
                              seconds=time.perf_counter() - t0)
@@ -174,11 +177,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if cache is not None and not cache.ready:
             cache.seal()
             collate.cache = None
-        loss_sum, seen, train_time = all_reduce_sum([loss_sum, seen, train_time], device)
+        loss_sum, seen, train_time, kd_sum = all_reduce_sum([loss_sum, seen, train_time, float(kd_sum)], device)
         train_time /= world
         metrics = {"epoch": epoch, "epochs": tc.epochs, "train_loss": loss_sum / max(seen, 1),
                    "train_images": int(seen), "images_per_second": seen / max(train_time, 1e-9),
                    "train_seconds": train_time, "lr": optimizer.param_groups[0]["lr"]}
+        if stepper.distill is not None:
+            metrics["train_distill_loss"] = kd_sum / max(seen, 1)
         if device.type == "cuda":  # this rank's peak; utilization needs pynvml
             metrics["gpu_max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
             try:
