@@ -111,9 +111,13 @@ class Predictor:
         from raycv.inference.pipeline import load_spec
         from raycv.inference.predictor import PREDICTORS
         from raycv.inference.schema import file_metadata
+        from raycv.errors import UserError
+        from raycv.training.checkpoint import read_info
 
         cfg = load_config("infer", None, [*_overrides(overrides), f"infer.checkpoint={checkpoint}"])
         spec = load_spec(cfg)
+        if device.startswith("cuda") and spec.checkpoint and read_info(spec.checkpoint).quantization:
+            raise UserError(f"{checkpoint} is an int8 checkpoint (raycv quantize), which runs on CPUs: use device='cpu'")
         self.task: str = spec.task
         self.classes: list[str] = list(spec.classes)
         self.preprocess = spec.preprocess

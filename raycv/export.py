@@ -77,6 +77,9 @@ def export_checkpoint(checkpoint: str, fmt: str, output: str | os.PathLike | Non
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     directory = ckpt.resolve_checkpoint(str(checkpoint))
     model, info = ckpt.load_model(directory)
+    if info.quantization:
+        raise UserError(f"{directory} is an int8 checkpoint (raycv quantize): export the float checkpoint it was "
+                        f"made from ({info.quantization.get('source')}) and quantize with the target runtime's tools")
     out = Path(output) if output else Path(f"{Path(directory).name}{SUFFIX[fmt]}")
     if out.is_dir():
         raise UserError(f"--output {out} is a folder; give a file name (e.g. {out / ('model' + SUFFIX[fmt])})")

@@ -68,6 +68,9 @@ def load_spec(cfg: InferConfig) -> ModelSpec:
     if cfg.infer.checkpoint:
         directory = ckpt.resolve_checkpoint(cfg.infer.checkpoint)
         model, info = ckpt.load_model(directory)  # fail here, not in the actors: files present, weights fit
+        if info.quantization and cfg.infer.use_gpu:
+            raise UserError(f"{directory} is an int8 checkpoint (raycv quantize), which runs on CPUs: "
+                            f"set infer.use_gpu=false, or infer with the float checkpoint it came from")
         ckpt.check_runs(model, info, directory)
         return ModelSpec(info.model_name, info.model_kwargs, info.classes, info.preprocess, None, str(directory),
                          _head_features(model, info.task), info.task, (info.config or {}).get("data"), model)

@@ -79,7 +79,8 @@ class ClassificationPredictor(_Predictor):
         self.embedding_dim = None
         if embedding:
             head = self.model.get_submodule(last_linear_name(self.model))
-            head.register_forward_hook(lambda mod, inp, out: self.features.append(inp[0].detach()))
+            head.register_forward_hook(lambda mod, inp, out: self.features.append(
+                inp[0].dequantize() if inp[0].is_quantized else inp[0].detach()))  # int8 checkpoints: a quantized input
             self.embedding_dim = head.in_features
         self.schema = classification_schema(self.embedding_dim).with_metadata(schema_metadata)
 

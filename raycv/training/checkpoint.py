@@ -46,19 +46,22 @@ class CheckpointInfo:
     epoch: int
     metrics: dict[str, Any]
     config: dict[str, Any]
+    quantization: dict[str, Any] | None = None  # int8 (raycv quantize): method, backend, calibration
 
     def to_json(self, files: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         return {"format": "raycv-checkpoint", "format_version": FORMAT_VERSION, "raycv_version": raycv.__version__,
                 "task": self.task, "model": {"name": self.model_name, "kwargs": self.model_kwargs},
                 "classes": self.classes, "num_classes": len(self.classes), "preprocess": self.preprocess.to_dict(),
-                "epoch": self.epoch, "metrics": self.metrics, "config": self.config, "files": files or {}}
+                "epoch": self.epoch, "metrics": self.metrics, "config": self.config, "files": files or {},
+                **({"quantization": self.quantization} if self.quantization else {})}
 
     @classmethod
     def from_meta(cls, m: "Meta") -> "CheckpointInfo":
         """From a validated `raycv.json` (`_read_meta`: bounds checked, a crafted file is one line)."""
         return cls(task=m.task, model_name=m.model.name, model_kwargs=m.model.kwargs, classes=m.classes,
                    preprocess=eval_preset_from_dict(m.preprocess.model_dump(exclude_none=True)), epoch=m.epoch,
-                   metrics=m.metrics, config=m.config)
+                   metrics=m.metrics, config=m.config,
+                   quantization=m.quantization.model_dump() if m.quantization else None)
 
 
 class _Strict(BaseModel):
@@ -83,6 +86,15 @@ class _FileMeta(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class _QuantMeta(_Strict):
+    method: Literal["static", "dynamic"]
+    backend: Literal["x86", "qnnpack", "fbgemm"] = "x86"
+    dtype: Literal["int8"] = "int8"
+    calibration_images: int = Field(0, ge=0)
+    source: str | None = None
+    note: str | None = None
+
+
 class Meta(_Strict):
     """What `raycv.json` must hold."""
 
@@ -95,6 +107,7 @@ class Meta(_Strict):
     metrics: dict[str, Any] = Field(default_factory=dict)
     config: dict[str, Any] = Field(default_factory=dict)
     files: dict[str, _FileMeta] = Field(default_factory=dict)
+    quantization: _QuantMeta | None = None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -147,8 +160,12 @@ def new_checkpoint_dir() -> Path:
 
 
 def _tensors_only(path: Path) -> Any:
+    import warnings
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # int8 weights are rebuilt through the TypedStorage torch deprecates
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"refusing to load {path}: not a tensors-only raycv file "
                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
@@ -241,6 +258,9 @@ def init_from_checkpoint(model: nn.Module, path: str, task: str = "classificatio
     info = read_info(directory)
     if info.task != task:
         raise UserError(f"model.init_from={path} is a {info.task} checkpoint; this run trains {task}")
+    if info.quantization:
+        raise UserError(f"model.init_from={path} is an int8 checkpoint (raycv quantize); start from the float one "
+                        f"it was made from: {info.quantization.get('source')}")
     state = load_state_dict(local_dir(directory))
     own = model.state_dict()
     head = ((last_linear_name(model) + ".",) if task == "classification" else ("classifier.", "aux_classifier.")
@@ -268,6 +288,10 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, CheckpointInfo]
     except (TypeError, ValueError) as e:  # kwargs the constructor refuses
         raise UserError(f"checkpoint {directory}: cannot build {info.model_name!r} from its {META_FILE}: "
                         f"{str(e).splitlines()[0]}") from None
+    if info.quantization:  # the int8 module of this architecture, then its int8 weights
+        from raycv.quantize import rebuild
+
+        model = rebuild(model, info.quantization, info.preprocess.shape)
     try:
         model.load_state_dict(load_state_dict(local_dir(directory)))
     except RuntimeError as e:
