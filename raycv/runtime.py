@@ -6,6 +6,7 @@ import logging
 import os
 import secrets
 import sys
+import time
 from dataclasses import dataclass
 
 import ray
@@ -121,9 +122,16 @@ class CpuBudget:
     largest_node: float  # one worker or actor cannot span nodes
 
 
-def cpu_budget() -> CpuBudget:
+def cpu_budget(need: float = 0.0, wait_s: float = 15.0) -> CpuBudget:
+    """The cluster's CPUs now. With `need`: while fewer than that are free, wait up to `wait_s` for
+    them (polling): the actors and placement groups of a job that just returned in this process (a
+    notebook's or a script's earlier raycv.train / raycv.infer) are released by Ray a moment later."""
     total = float(ray.cluster_resources().get("CPU", 0.0))
     free = float(ray.available_resources().get("CPU", 0.0))
+    deadline = time.monotonic() + wait_s
+    while free < min(need, total) and time.monotonic() < deadline:
+        time.sleep(0.25)
+        free = float(ray.available_resources().get("CPU", 0.0))
     nodes = [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
     return CpuBudget(total=total, free=min(free, total), largest_node=max(nodes, default=total))
 

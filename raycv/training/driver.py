@@ -25,6 +25,7 @@ from raycv.data.presets import (ClassificationEvalPreset, ClassificationTrainPre
 from raycv.errors import UserError
 from raycv.models import get_model, get_model_entry
 from raycv.redact import redact, redact_tree
+from raycv.training import pruning
 from raycv.training.distill import check_teacher
 from raycv.training.entry import ExactValSplit, train_loop
 from raycv.training.progress import TrainProgress
@@ -150,6 +151,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list |
     tasks.check_model_fits(task, cfg.model.name, get_model_entry(cfg.model.name).task)
     if cfg.train.distill.teacher:
         check_teacher(cfg.train.distill.teacher, task)
+    pruning.check(cfg.train.prune, task=task, init_from=cfg.model.init_from)
     tasks.check_extras(task)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
         "checkpoint_metric": tasks.checkpoint_metric(task, cfg.train.checkpoint_metric)})})
@@ -169,7 +171,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list |
     resumed_from = _check_resume(cfg, run_dir, echo)
     runtime.connect(cfg.run.address, verbose=cfg.run.verbose)
     marks["ray"] = time.time()
-    budget = runtime.cpu_budget()
+    budget = runtime.cpu_budget(need=cfg.scaling.data_cpus + 0.1 * cfg.scaling.fewest_workers)
     resources, threads = runtime.plan_worker_resources(
         num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
         gpus_per_worker=cfg.scaling.gpus_per_worker, data_cpus=cfg.scaling.data_cpus, total_cpus=budget.total,
