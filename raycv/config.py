@@ -78,6 +78,11 @@ class DistillSection(_Section):
     alpha: float = Field(0.5, ge=0.0, le=1.0)  # weight of the teacher's term; 1 - alpha: the labels' cross-entropy
 
 
+class PruneSection(_Section):
+    amount: float = Field(0.0, ge=0.0, le=0.95)  # 0: off; with model.init_from, the share of weights (or channels) pruned before fine-tuning
+    method: Literal["global_magnitude", "ln_structured"] = "global_magnitude"  # zeros (sparse) or channels removed (smaller, faster)
+
+
 class TrainSection(_Section):
     epochs: int = Field(10, ge=1, le=100_000)
     warmup_epochs: float = Field(1.0, ge=0.0)  # linear warmup from lr * warmup_factor, in epochs
@@ -107,6 +112,7 @@ class TrainSection(_Section):
     tensorboard: bool = True  # TensorBoard event files in <run>/tensorboard
     early_stop_patience: int | None = Field(None, ge=1)  # stop after this many epochs without a better checkpoint_metric
     distill: DistillSection = Field(default_factory=DistillSection)  # knowledge distillation (classification)
+    prune: PruneSection = Field(default_factory=PruneSection)  # prune model.init_from, then fine-tune
 
 
 class ScalingSection(_Section):

@@ -206,7 +206,7 @@ def quantize_checkpoint(checkpoint: str, output: str | os.PathLike, *, calibrati
     q_info = ckpt.CheckpointInfo(task=info.task, model_name=info.model_name, model_kwargs=info.model_kwargs,
                                  classes=info.classes, preprocess=info.preprocess, epoch=info.epoch,
                                  metrics={**info.metrics, "int8_top1_agreement": agreement, "int8_max_abs_diff": diff},
-                                 config=info.config, quantization=qmeta)
+                                 config=info.config, quantization=qmeta, pruning=info.pruning)
     with _quiet():
         ckpt.write_checkpoint(out, quantized, q_info)
         fp32_mb, int8_mb = _size_mb(model.state_dict()), (out / ckpt.MODEL_FILE).stat().st_size / 1e6

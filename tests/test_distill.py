@@ -120,7 +120,8 @@ def test_a_teacher_of_another_task_other_classes_or_nowhere_is_one_line(tmp_path
 @pytest.mark.slow
 def test_a_student_learns_digits_from_the_teacher_alone(ray_session, digits_run, tmp_path):
     """alpha=1: no label reaches the loss, so what the student knows of digits came from the teacher
-    (the digits fixture's 32-px CNN), which sees the student's 16-px batches resized to its own size."""
+    (the digits fixture's 32-px CNN), which sees the student's 16-px batches resized to its own size;
+    an untrained teacher teaches nothing."""
     import raycv
 
     s = raycv.train(overrides={"train.distill.teacher": str(digits_run.run_dir), "train.distill.alpha": 1.0,
@@ -134,6 +135,12 @@ def test_a_student_learns_digits_from_the_teacher_alone(ray_session, digits_run,
     assert s.val_accuracy > 0.5, s.val_accuracy  # 10 classes: chance is 0.1
     recorded = raycv.load(tmp_path / "student")
     assert recorded.classes == [str(i) for i in range(10)] and recorded.preprocess.input_size == 16
+    # the same student taught by an untrained teacher of the same classes learns nothing useful
+    _teacher(tmp_path / "random-teacher", classes=[str(i) for i in range(10)])
+    r = raycv.train(overrides={"train.distill.teacher": str(tmp_path / "random-teacher"), "train.distill.alpha": 1.0,
+                               "data.input_size": 16, "model.kwargs": {"input_size": 16}, "train.epochs": 2,
+                               "scaling.num_workers": 2, "run.storage_path": str(tmp_path), "run.name": "untaught"})
+    assert r.val_accuracy < 0.3, r.val_accuracy
     with pytest.raises(UserError, match="trained on other classes"):
         raycv.train(overrides={"train.distill.teacher": str(digits_run.run_dir), "data.name": "shapes",
                                "run.storage_path": str(tmp_path), "run.name": "wrong"})

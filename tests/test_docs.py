@@ -13,7 +13,8 @@ from raycv import config
 REPO = Path(__file__).parents[1]
 SECTIONS = {"data": config.DataSection, "model": config.ModelSection, "optim": config.OptimSection,
             "train": config.TrainSection, "scaling": config.ScalingSection, "run": config.RunSection,
-            "infer": config.InferSection, "tune": config.TuneSection, "train.distill": config.DistillSection}
+            "infer": config.InferSection, "tune": config.TuneSection, "train.distill": config.DistillSection,
+            "train.prune": config.PruneSection}
 
 
 def test_every_config_key_is_documented_with_its_default():

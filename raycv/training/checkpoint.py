@@ -47,13 +47,15 @@ class CheckpointInfo:
     metrics: dict[str, Any]
     config: dict[str, Any]
     quantization: dict[str, Any] | None = None  # int8 (raycv quantize): method, backend, calibration
+    pruning: dict[str, Any] | None = None  # train.prune: method, amount, structured, sparsity, parameters
 
     def to_json(self, files: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         return {"format": "raycv-checkpoint", "format_version": FORMAT_VERSION, "raycv_version": raycv.__version__,
                 "task": self.task, "model": {"name": self.model_name, "kwargs": self.model_kwargs},
                 "classes": self.classes, "num_classes": len(self.classes), "preprocess": self.preprocess.to_dict(),
                 "epoch": self.epoch, "metrics": self.metrics, "config": self.config, "files": files or {},
-                **({"quantization": self.quantization} if self.quantization else {})}
+                **({"quantization": self.quantization} if self.quantization else {}),
+                **({"pruning": self.pruning} if self.pruning else {})}
 
     @classmethod
     def from_meta(cls, m: "Meta") -> "CheckpointInfo":
@@ -61,7 +63,8 @@ class CheckpointInfo:
         return cls(task=m.task, model_name=m.model.name, model_kwargs=m.model.kwargs, classes=m.classes,
                    preprocess=eval_preset_from_dict(m.preprocess.model_dump(exclude_none=True)), epoch=m.epoch,
                    metrics=m.metrics, config=m.config,
-                   quantization=m.quantization.model_dump() if m.quantization else None)
+                   quantization=m.quantization.model_dump() if m.quantization else None,
+                   pruning=m.pruning.model_dump() if m.pruning else None)
 
 
 class _Strict(BaseModel):
@@ -95,6 +98,15 @@ class _QuantMeta(_Strict):
     note: str | None = None
 
 
+class _PruneMeta(_Strict):
+    method: Literal["global_magnitude", "ln_structured"]
+    amount: float = Field(ge=0.0, le=1.0)
+    structured: bool = False  # layers narrower than the registered model's: shaped on load
+    sparsity: float | None = Field(None, ge=0.0, le=1.0)
+    parameters: int | None = Field(None, ge=0)
+    source: str | None = None
+
+
 class Meta(_Strict):
     """What `raycv.json` must hold."""
 
@@ -108,6 +120,7 @@ class Meta(_Strict):
     config: dict[str, Any] = Field(default_factory=dict)
     files: dict[str, _FileMeta] = Field(default_factory=dict)
     quantization: _QuantMeta | None = None
+    pruning: _PruneMeta | None = None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -262,6 +275,10 @@ def init_from_checkpoint(model: nn.Module, path: str, task: str = "classificatio
         raise UserError(f"model.init_from={path} is an int8 checkpoint (raycv quantize); start from the float one "
                         f"it was made from: {info.quantization.get('source')}")
     state = load_state_dict(local_dir(directory))
+    if info.pruning and info.pruning.get("structured"):  # fine-tuning a pruned model further: its widths
+        from raycv.training.pruning import shaped_like
+
+        shaped_like(model, state)
     own = model.state_dict()
     head = ((last_linear_name(model) + ".",) if task == "classification" else ("classifier.", "aux_classifier.")
             if task == "segmentation" else ("roi_heads.box_predictor.", "head.classification_head."))
@@ -288,12 +305,17 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, CheckpointInfo]
     except (TypeError, ValueError) as e:  # kwargs the constructor refuses
         raise UserError(f"checkpoint {directory}: cannot build {info.model_name!r} from its {META_FILE}: "
                         f"{str(e).splitlines()[0]}") from None
+    state = load_state_dict(local_dir(directory))
+    if info.pruning and info.pruning.get("structured"):  # narrower layers than the registered model's
+        from raycv.training.pruning import shaped_like
+
+        model = shaped_like(model, state)
     if info.quantization:  # the int8 module of this architecture, then its int8 weights
         from raycv.quantize import rebuild
 
         model = rebuild(model, info.quantization, info.preprocess.shape)
     try:
-        model.load_state_dict(load_state_dict(local_dir(directory)))
+        model.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"checkpoint {directory} does not fit model {info.model_name!r} with "
                         f"{len(info.classes)} classes: {str(e).splitlines()[0]}") from None

@@ -39,13 +39,14 @@ class Stepper:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, loss_fn, precision: Precision,
                  batches_per_epoch: int, grad_accum_steps: int = 1, grad_clip_norm: float | None = None, mix=None,
                  ema=None, ema_source: nn.Module | None = None, forward: nn.Module | None = None,
-                 detection: bool = False, distill=None):
+                 detection: bool = False, distill=None, masks=None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.loss_fn, self.precision, self.mix = loss_fn, precision, mix
         self.forward = forward if forward is not None else model
         self.batches_per_epoch, self.accum, self.clip = batches_per_epoch, grad_accum_steps, grad_clip_norm
         self.ema, self.ema_source, self.detection = ema, ema_source, detection
         self.distill = distill  # a Distiller: the loss with a teacher's outputs (raycv.training.distill)
+        self.masks = masks or []  # (weight, mask): an unstructured pruning's zeros, kept (raycv.training.pruning)
         self.micro = 0
 
     def begin_epoch(self) -> None:
@@ -76,6 +77,10 @@ class Stepper:
         self.precision.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if self.masks:
+            with torch.no_grad():
+                for weight, mask in self.masks:
+                    weight.mul_(mask)
         if self.ema is not None:
             self.ema.update_parameters(self.ema_source)
         return StepResult(loss, True, norm if norm is None or math.isfinite(norm) else None)
@@ -83,7 +88,7 @@ class Stepper:
 
 def build_stepper(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, cfg: TrainSection, task: str,
                   num_classes: int, precision: Precision, batches_per_epoch: int, ema=None,
-                  ema_source: nn.Module | None = None, student_norm=None, device=None) -> Stepper:
+                  ema_source: nn.Module | None = None, student_norm=None, device=None, masks=None) -> Stepper:
     """The step `train.*` asks for: the loss (label smoothing), MixUp/CutMix (classification),
     accumulation, clipping, the EMA, torch.compile, a teacher (`train.distill`; `student_norm`: the
     (mean, std) the batches are normalized with). Detection models compute their own losses."""
@@ -99,4 +104,4 @@ def build_stepper(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                    grad_clip_norm=cfg.grad_clip_norm,
                    mix=build_batch_mix(cfg, num_classes) if task == "classification" else None,
                    ema=ema, ema_source=ema_source, forward=torch.compile(model) if cfg.compile else None,
-                   detection=task == "detection", distill=distill)
+                   detection=task == "detection", distill=distill, masks=masks)

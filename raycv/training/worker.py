@@ -23,6 +23,7 @@ from raycv.data.presets import (ClassificationEvalPreset, ClassificationTrainPre
                                 DetectionTrainPreset, SegmentationEvalPreset, SegmentationTrainPreset)
 from raycv.models import get_model
 from raycv.training import checkpoint as ckpt
+from raycv.training import pruning
 from raycv.training.batches import AugmentCollate, BoxCollate, PairCollate, ShardCache, box_targets
 from raycv.training.evaluation import all_reduce_sum, evaluate, evaluate_detection, evaluate_segmentation
 from raycv.training.optim import build_optimizer, build_scheduler
@@ -78,6 +79,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = get_model(cfg.model.name, num_classes=len(classes), weights=cfg.model.weights, **cfg.model.kwargs)
     if cfg.model.init_from:
         ckpt.init_from_checkpoint(model, cfg.model.init_from, task)
+    resumed = ray.train.get_checkpoint()
+    if tc.prune.amount and resumed is None:
+        model = pruning.prune(model, tc.prune, eval_preset.shape)
+    elif tc.prune.amount and tc.prune.method == "ln_structured":  # the widths the run's checkpoint has
+        with resumed.as_directory() as d:
+            model = pruning.shaped_like(model, ckpt.load_state_dict(d))
     if tc.sync_batchnorm and world > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = precision.layout(model)
@@ -93,7 +100,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True).to(device)
 
     start_epoch, best, stale = 1, None, 0
-    resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as d:
             state = ckpt.load_train_state(d)
@@ -119,7 +125,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     raw = ckpt.unwrap(model)
     stepper = build_stepper(model, optimizer, scheduler, cfg=tc, task=task, num_classes=len(classes),
                             precision=precision, batches_per_epoch=batches_per_epoch, ema=ema, ema_source=raw,
-                            student_norm=(train_preset.mean, train_preset.std), device=device)
+                            student_norm=(train_preset.mean, train_preset.std), device=device,
+                            masks=pruning.masks(raw) if tc.prune.amount and tc.prune.method == "global_magnitude" else None)
     loss_fn = stepper.loss_fn
     nodes = _worker_nodes(rank, world)
     train_shard = ray.train.get_dataset_shard("train")
@@ -140,6 +147,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         startup = {"worker_process": psutil.Process().create_time(), "loop_entered": loop_entered,
                    "model_ready": time.time()}
     higher_is_better = tc.checkpoint_metric != "val_loss"
+
+    def pruned(m) -> dict | None:  # what raycv.json says of the pruning (raycv.training.pruning)
+        if not tc.prune.amount:
+            return None
+        return {"method": tc.prune.method, "amount": tc.prune.amount, "structured": tc.prune.method == "ln_structured",
+                "sparsity": round(pruning.sparsity(m), 6), "parameters": sum(p.numel() for p in m.parameters()),
+                "source": cfg.model.init_from}
 
     for epoch in range(start_epoch, tc.epochs + 1):
         model.train()
@@ -211,7 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             info = ckpt.CheckpointInfo(task=task, model_name=cfg.model.name, model_kwargs=cfg.model.kwargs,
                                        classes=classes, preprocess=eval_preset, epoch=epoch, metrics=metrics,
-                                       config=recorded_cfg)
+                                       config=recorded_cfg, pruning=pruned(evaluated))
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
                      "best": best, "stale": stale}
             if precision.scaler.is_enabled():
