@@ -3,8 +3,9 @@ a ResNet-18 (CIFAR stem), the float model, its int8 quantization (`raycv quantiz
 pruning at 50% of the channels (`train.prune`, fine-tuned), and a seed-CNN student distilled online
 from the ResNet-18 (`train.distill`) beside the same student trained on the labels alone. For each:
 parameters, `model.pt` size, CPU images/s in a bare loop (the model alone under inference_mode on
-preprocessed batches of 64: what the model costs, no decoding) and through `raycv infer` (whole
-pipeline, its own summary's rate), and val top-1 (`raycv evaluate` over `raycv infer`'s predictions
+preprocessed batches of 64: what the model costs, no decoding; measured after every raycv command has
+exited, the models taking turns) and through `raycv infer` (whole
+pipeline over the 400 validation images, its own summary's rate: start-up dominates at this size), and val top-1 (`raycv evaluate` over `raycv infer`'s predictions
 of the validation split). Ratios are against each model's float row.
 
     python bench/compress_bench.py [--epochs 6] [--json bench/results/compress.json]
@@ -37,33 +38,52 @@ def raycv(*args: str, cwd: Path) -> str:
 
 
 def train(work: Path, name: str, *overrides: str) -> Path:
-    raycv("train", *DATA, f"run.storage_path={work}", f"run.name={name}", *overrides, cwd=work)
+    """A run, trained here unless `work` already holds it finished (--work: re-measure kept runs)."""
+    if not (work / name / "summary.json").exists():
+        raycv("train", *DATA, f"run.storage_path={work}", f"run.name={name}", *overrides, cwd=work)
     return work / name
 
 
-def bare_loop(checkpoint: Path, images: int, seconds: float = 3.0) -> float:
-    """Images per second of the model alone: batches of 64 of the checkpoint's input shape."""
+def quantize(work: Path, fp32: Path, name: str) -> Path:
+    if not (work / name / "raycv.json").exists():
+        raycv("quantize", "--checkpoint", str(fp32), "--output", str(work / name), cwd=work)
+    return work / name
+
+
+def bare_loops(checkpoints: list[Path], images: int = 2000, seconds: float = 2.0, rounds: int = 3) -> list[float]:
+    """Images per second of each model alone (batches of 64 of its checkpoint's input shape, under
+    inference_mode, torch's default threads), measured after every raycv command has exited, the
+    models taking turns `rounds` times; each one's best round (the machine's noise only slows)."""
     import torch
 
     import raycv as api
 
-    predictor = api.load(checkpoint)
-    model, preset = predictor.model, predictor.preprocess
-    x = preset.normalize(torch.randint(0, 256, (64, *preset.shape), dtype=torch.uint8))
+    loaded = []
+    for c in checkpoints:
+        p = api.load(c)
+        loaded.append((p.model, p.preprocess.normalize(torch.randint(0, 256, (64, *p.preprocess.shape), dtype=torch.uint8))))
+    best = [0.0] * len(loaded)
     with torch.inference_mode():
-        for _ in range(3):
-            model(x)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds or n < images:
-            model(x)
-            n += len(x)
-        return n / (time.perf_counter() - t0)
+        for _ in range(rounds):
+            for i, (model, x) in enumerate(loaded):
+                for _ in range(3):
+                    model(x)
+                n, t0 = 0, time.perf_counter()
+                while time.perf_counter() - t0 < seconds or n < images:
+                    model(x)
+                    n += len(x)
+                best[i] = max(best[i], n / (time.perf_counter() - t0))
+    return best
 
 
 def measure(work: Path, label: str, model: str, checkpoint: Path) -> dict:
     import raycv as api
 
-    out = work / "pred" / label.replace(" ", "_")
+    out = work / "pred" / f"{model}-{label.split(' ')[0]}"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)  # the bench's own output of an earlier run (--work)
     summary = json.loads(raycv("infer", "--checkpoint", str(checkpoint), "--input", "registry:shapes:val",
                                "--output", str(out), "--json", cwd=work).strip().splitlines()[-1])
     raycv_out = raycv("evaluate", "--predictions", str(out), cwd=work)
@@ -73,9 +93,8 @@ def measure(work: Path, label: str, model: str, checkpoint: Path) -> dict:
     source = (meta.get("quantization") or {}).get("source")  # int8: the float model's parameter count
     return {"model": model, "variant": label,
             "params": sum(t.numel() for t in api.load(source or ckpt).model.parameters()),
-            "model_pt_mb": round((ckpt / "model.pt").stat().st_size / 1e6, 3),
-            "bare_img_s": round(bare_loop(ckpt, 2000)), "infer_img_s": round(summary["images_per_second"]),
-            "val_top1": round(top1, 4)}
+            "model_pt_mb": round((ckpt / "model.pt").stat().st_size / 1e6, 3), "checkpoint": str(ckpt),
+            "infer_img_s": round(summary["images_per_second"]), "val_top1": round(top1, 4)}
 
 
 def main() -> None:
@@ -92,15 +111,18 @@ def main() -> None:
     rows = []
     for model in ("simple_cnn", "resnet18_cifar"):
         fp32 = train(work, model, f"model.name={model}", f"train.epochs={e}")
-        raycv("quantize", "--checkpoint", str(fp32), "--output", str(work / f"{model}-int8"), cwd=work)
+        int8 = quantize(work, fp32, f"{model}-int8")
         pruned = train(work, f"{model}-pruned", f"model.name={model}", f"model.init_from={fp32}",
                        "train.prune.amount=0.5", "train.prune.method=ln_structured", f"train.epochs={half}")
-        rows += [measure(work, "fp32", model, fp32), measure(work, "int8", model, work / f"{model}-int8"),
+        rows += [measure(work, "fp32", model, fp32), measure(work, "int8", model, int8),
                  measure(work, "pruned 50% (structured)", model, pruned)]
     teacher = work / "resnet18_cifar"
     student = train(work, "student-distilled", "model.name=simple_cnn", f"train.epochs={e}",
                     f"train.distill.teacher={teacher}", "train.distill.alpha=0.5", "train.distill.temperature=4")
     rows.append(measure(work, "distilled from resnet18_cifar (online)", "simple_cnn", student))
+    time.sleep(5)  # Ray's processes of the last command gone
+    for r, speed in zip(rows, bare_loops([Path(r.pop("checkpoint")) for r in rows])):
+        r["bare_img_s"] = round(speed)
     base = {r["model"]: r for r in rows if r["variant"] == "fp32"}
     for r in rows:
         b = base[r["model"]]

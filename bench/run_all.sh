@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Every benchmark table in the README, in one command, with the README's sizes: training, where
-# its CPU goes and its start-up against a plain PyTorch script, decode-bound and compute-bound inference and where its CPU goes, and the GPU
+# its CPU goes and its start-up against a plain PyTorch script, decode-bound and compute-bound inference and where its CPU goes,
+# compression (int8, pruning, distillation), and the GPU
 # script when torch sees a CUDA GPU. Results go to bench/results/ (the files the README cites).
 #
 #   bash bench/run_all.sh            # the README's figures
-#   bash bench/run_all.sh --quick    # tiny sizes, results in a temp dir: checks that all of it runs (~4 min)
+#   bash bench/run_all.sh --quick    # tiny sizes, results in a temp dir: checks that all of it runs (~4 min, and ~7 min
+#                                    # more for compress_bench, which trains a ResNet-18 for an epoch)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=bench/results
@@ -17,6 +19,7 @@ if [ "${1:-}" = "--quick" ]; then
     python bench/infer_cpu.py --images 16 --size 32 --json "$out/infer_cpu.json"
     python bench/scale_bench.py --rows 300 --folder 50 --work "$out/scale-work" --json "$out/scale.json"
     python bench/gpu_bench.py --smoke --json "$out/gpu.json"
+    python bench/compress_bench.py --epochs 1 --json "$out/compress.json"
 else
     python bench/train_bench.py --epochs 4 --json "$out/train.json"
     python bench/train_cpu.py --epochs 6 --reps 3 --json "$out/train_cpu.json"
@@ -25,6 +28,7 @@ else
     python bench/infer_bench.py --images 200 --scale 10 --size 224 --json "$out/infer_224.json"
     python bench/infer_cpu.py --images 600 --size 224 --json "$out/infer_cpu.json"
     python bench/scale_bench.py --rows 20000,500000 --folder 100000 --json "$out/scale.json"
+    python bench/compress_bench.py --epochs 6 --json "$out/compress.json"
     if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
         python bench/gpu_bench.py --seconds 60 --images 5000 --json "$out/gpu.json"
     fi

@@ -35,6 +35,22 @@ if TYPE_CHECKING:
 Overrides = Union[Sequence[str], Mapping[str, Any], None]
 
 
+def _unwrapped(call):
+    """`call()`, with the UserError behind an error that crossed Ray (a worker's or a Ray Data
+    task's bad-input error, wrapped by Ray) raised as itself: the one line the CLI prints."""
+    from raycv.errors import UserError, find_user_error
+
+    try:
+        return call()
+    except UserError:
+        raise
+    except Exception as e:
+        user = find_user_error(e)
+        if user is None:
+            raise
+        raise user from None
+
+
 def _overrides(overrides: Overrides) -> list[str]:
     """A dict {"train.epochs": 3} or a list ["train.epochs=3"] -> the CLI's `key=value` strings
     (values as JSON, which the config reads as YAML)."""
@@ -62,7 +78,7 @@ def train(config: "str | os.PathLike | TrainConfig | None" = None, overrides: Ov
 
         register_objects(data)
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"name": NAME})})
-    return fit(cfg)
+    return _unwrapped(lambda: fit(cfg))
 
 
 def infer(checkpoint: str | os.PathLike | None = None, input: str | os.PathLike | None = None,
@@ -80,8 +96,10 @@ def infer(checkpoint: str | os.PathLike | None = None, input: str | os.PathLike 
         if overrides:
             raise TypeError("give overrides with a recipe path, or set them on the loaded config")
         update = {k: str(v) for k, v in (("checkpoint", checkpoint), ("input", input), ("output", output)) if v is not None}
-        return run_inference(config.model_copy(update={"infer": config.infer.model_copy(update=update)}))
-    return run_inference(load_config("infer", config, _overrides(overrides) + extra))
+        config = config.model_copy(update={"infer": config.infer.model_copy(update=update)})
+        return _unwrapped(lambda: run_inference(config))
+    cfg = load_config("infer", config, _overrides(overrides) + extra)
+    return _unwrapped(lambda: run_inference(cfg))
 
 
 def evaluate(predictions: str | os.PathLike, *, labels: str | None = None, output: str | None = None) -> dict:
@@ -129,7 +147,7 @@ class Predictor:
             schema_metadata=file_metadata(checkpoint=None, model=spec.name, classes=spec.classes,
                                           preprocess=spec.preprocess.to_dict(), task=spec.task))
         if spec.task == "classification":
-            kwargs.update(topk=cfg.infer.topk, embedding=cfg.infer.embedding)
+            kwargs.update(topk=cfg.infer.topk, embedding=cfg.infer.embedding, logits=cfg.infer.logits)
         elif spec.task == "detection":
             kwargs.update(score_threshold=cfg.infer.score_threshold, max_detections=cfg.infer.max_detections)
         self._predictor = PREDICTORS[spec.task](**kwargs)

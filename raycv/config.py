@@ -74,6 +74,7 @@ class OptimSection(_Section):
 
 class DistillSection(_Section):
     teacher: str | None = None  # a raycv classification checkpoint or run with the same classes; runs beside the student
+    logits: str | None = None  # offline: a raycv infer output with infer.logits=true over the training images, read instead of a teacher
     temperature: float = Field(4.0, gt=0.0)  # softens both distributions
     alpha: float = Field(0.5, ge=0.0, le=1.0)  # weight of the teacher's term; 1 - alpha: the labels' cross-entropy
 
@@ -193,6 +194,7 @@ class InferSection(_Section):
     score_threshold: float = Field(0.05, ge=0.0, le=1.0)  # detection: keep boxes scoring at least this
     max_detections: int = Field(100, ge=1)  # detection: at most this many boxes per image, best first
     embedding: bool = False  # add the penultimate features as an `embedding` column
+    logits: bool = False  # add the raw class outputs as a `logits` column (a teacher's, for train.distill.logits)
     mode: Literal["error", "overwrite", "resume"] = "error"  # what to do when output exists
     max_error_fraction: float = Field(1.0, ge=0.0, le=1.0)  # fail the job above this share of bad inputs
     min_actors: int = Field(1, ge=1, le=10_000)

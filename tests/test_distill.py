@@ -117,6 +117,69 @@ def test_a_teacher_of_another_task_other_classes_or_nowhere_is_one_line(tmp_path
         load_config("train", None, ["train.distill.alpha=1.5"])
 
 
+def test_offline_the_loss_takes_the_logits_read_from_disk_and_refuses_what_breaks_the_pairing(tmp_path):
+    cfg = load_config("train", None, ["optim.name=sgd", "train.warmup_epochs=0", f"train.distill.logits={tmp_path}",
+                                      "train.distill.alpha=1", "train.distill.temperature=2"])
+    torch.manual_seed(0)
+    student = get_model("simple_cnn", num_classes=len(CLASSES), input_size=16)
+    optimizer = build_optimizer(student, cfg.optim)
+    stepper = build_stepper(student, optimizer, build_scheduler(optimizer, steps_per_epoch=4, cfg=cfg.train),
+                            cfg=cfg.train, task="classification", num_classes=len(CLASSES),
+                            precision=Precision("none", False, torch.device("cpu")), batches_per_epoch=4,
+                            student_norm=(STUDENT_MEAN, STUDENT_STD))
+    assert stepper.distill.teacher is None
+    raw, y = _batch()
+    x = _normalize(raw, STUDENT_MEAN, STUDENT_STD)
+    teacher = torch.randn(len(y), len(CLASSES), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        s_logits = student(x)
+    p_t = F.softmax(teacher / 2, dim=1)
+    expected = 4 * (p_t * (p_t.log() - F.log_softmax(s_logits / 2, dim=1))).sum(dim=1).mean()
+    assert math.isclose(stepper(x, y, teacher).loss.item(), expected.item(), rel_tol=1e-4)
+    from raycv.training.distill import check_offline
+
+    def refused(overrides, match):
+        with pytest.raises(UserError, match=match):
+            check_offline(load_config("train", None, [f"train.distill.logits={tmp_path}", *overrides]), "classification")
+
+    refused([], "data.augment changes the image: set data.augment=none")  # the default augments
+    refused(["data.augment=none", "data.hflip=true"], "data.hflip changes the image")
+    refused(["data.augment=none", "train.mixup_alpha=0.2"], "train.mixup_alpha changes the image")
+    refused(["data.augment=none", f"train.distill.teacher={tmp_path}"], "a teacher .online. or logits .offline., not both")
+    refused(["data.augment=none"], f"train.distill.logits={tmp_path} is not a complete raycv infer output")
+
+
+@pytest.mark.slow
+def test_a_student_learns_from_the_teachers_logits_on_disk(ray_session, digits_run, tmp_path):
+    """Offline: the digits fixture's logits over its training split, written by raycv infer, then a
+    16-px student trained on them alone (alpha=1, no augmentation); a training split the logits do
+    not cover, and an output without logits, are one line each."""
+    import pyarrow.parquet as pq
+
+    import raycv
+
+    raycv.infer(digits_run.checkpoint, "registry:digits:train", tmp_path / "teacher", overrides={"infer.logits": True})
+    from raycv.inference.output import read_output
+
+    table = read_output(str(tmp_path / "teacher"))
+    logits = torch.tensor(table.column("logits").to_pylist())
+    assert logits.shape == (1438, 10) and logits.argmax(1).tolist() == table.column("label_index").to_pylist()
+    assert pq.read_schema(next((tmp_path / "teacher").glob("*.parquet"))).field("logits").type.list_size == 10
+    base = {"train.distill.logits": str(tmp_path / "teacher"), "train.distill.alpha": 1.0, "data.augment": "none",
+            "data.input_size": 16, "model.kwargs": {"input_size": 16}, "train.epochs": 2, "scaling.num_workers": 2,
+            "run.storage_path": str(tmp_path)}
+    s = raycv.train(overrides={**base, "run.name": "offline"})
+    log = [json.loads(ln) for ln in (tmp_path / "offline" / "metrics.jsonl").read_text().splitlines()]
+    assert log[1]["train_distill_loss"] < log[0]["train_distill_loss"]
+    assert s.val_accuracy > 0.5, s.val_accuracy
+    # another split of the digits holds training images the logits lack
+    with pytest.raises(UserError, match=r"has no teacher row for the training image .*digits-v1/\d/\d+\.png"):
+        raycv.train(overrides={**base, "data.val_fraction": 0.1, "run.name": "other-split"})  # a bigger training split
+    raycv.infer(digits_run.checkpoint, "registry:digits:val", tmp_path / "plain")
+    with pytest.raises(UserError, match="has no logits column: infer with infer.logits=true"):
+        raycv.train(overrides={**base, "train.distill.logits": str(tmp_path / "plain"), "run.name": "no-logits"})
+
+
 @pytest.mark.slow
 def test_a_student_learns_digits_from_the_teacher_alone(ray_session, digits_run, tmp_path):
     """alpha=1: no label reaches the loss, so what the student knows of digits came from the teacher

@@ -288,8 +288,8 @@ class OutputLocation:
         return kept
 
 
-def read_output(uri: str):
-    """The complete output as one Arrow table (only the files the manifest lists)."""
+def read_output(uri: str, columns: list[str] | None = None):
+    """The complete output as one Arrow table (only the files the manifest lists; `columns`: only these)."""
     loc = OutputLocation(uri)
     m = loc.manifest()
     if m is None:
@@ -299,5 +299,5 @@ def read_output(uri: str):
     tables = []
     for name in m.files:
         with loc.fs.open_input_file(f"{loc.path}/{name}") as f:
-            tables.append(pq.read_table(f))
+            tables.append(pq.read_table(f, columns=columns))
     return pa.concat_tables(tables) if tables else None

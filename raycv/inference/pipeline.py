@@ -157,6 +157,8 @@ def run_inference(cfg: InferConfig) -> InferSummary:
     spec.model = None  # loaded to check it; the actors load their own
     if cfg.infer.embedding and spec.task != "classification":
         raise UserError(f"infer.embedding is for classification models; {spec.name} is a {spec.task} model")
+    if cfg.infer.logits and spec.task != "classification":
+        raise UserError(f"infer.logits is for classification models; {spec.name} is a {spec.task} model")
     data = registry_data(cfg, spec.data)  # a registry input reproduces the checkpoint's own split
     out = OutputLocation(cfg.infer.output)
     out.check(cfg.infer.mode)  # before Ray starts: an output raycv may not write into is refused untouched
@@ -182,7 +184,7 @@ def run_inference(cfg: InferConfig) -> InferSummary:
                                 use_gpu=cfg.infer.use_gpu, schema_metadata=metadata, counter=counter,
                                 plugins=list(cfg.run.plugins))
         if spec.task == "classification":
-            predictor_kwargs.update(topk=cfg.infer.topk, embedding=cfg.infer.embedding)
+            predictor_kwargs.update(topk=cfg.infer.topk, embedding=cfg.infer.embedding, logits=cfg.infer.logits)
         elif spec.task == "detection":
             predictor_kwargs.update(score_threshold=cfg.infer.score_threshold, max_detections=cfg.infer.max_detections)
         written: list[dict] = []
@@ -204,8 +206,8 @@ def run_inference(cfg: InferConfig) -> InferSummary:
                 num_cpus=actor_cpus, num_gpus=1 if cfg.infer.use_gpu else 0,
                 **({"resources": dict(cfg.infer.actor_resources)} if cfg.infer.actor_resources else {}),
                 **({"runtime_env": {"env_vars": env}} if (env := runtime.forwarded_env()) else {}))
-            sink = ShardSink(out.uri, out.run_id, output_schema(spec.task, embedding_dim).with_metadata(metadata),
-                             cfg.infer.rows_per_file)
+            schema = output_schema(spec.task, embedding_dim, len(spec.classes) if cfg.infer.logits else None)
+            sink = ShardSink(out.uri, out.run_id, schema.with_metadata(metadata), cfg.infer.rows_per_file)
             progress.start()
             startup["pipeline"] = age0 + time.perf_counter() - t0
             try:

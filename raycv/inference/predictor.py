@@ -72,7 +72,7 @@ class _Predictor:
 
 
 class ClassificationPredictor(_Predictor):
-    def __init__(self, *, topk: int, embedding: bool, schema_metadata: dict[str, str], **kwargs):
+    def __init__(self, *, topk: int, embedding: bool, schema_metadata: dict[str, str], logits: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.topk = min(topk, len(self.classes))
         self.features: list[torch.Tensor] = []
@@ -82,7 +82,9 @@ class ClassificationPredictor(_Predictor):
             head.register_forward_hook(lambda mod, inp, out: self.features.append(
                 inp[0].dequantize() if inp[0].is_quantized else inp[0].detach()))  # int8 checkpoints: a quantized input
             self.embedding_dim = head.in_features
-        self.schema = classification_schema(self.embedding_dim).with_metadata(schema_metadata)
+        self.logits = logits
+        self.schema = classification_schema(self.embedding_dim, len(self.classes) if logits else None).with_metadata(
+            schema_metadata)
 
     @torch.inference_mode()
     def predict(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -93,10 +95,12 @@ class ClassificationPredictor(_Predictor):
         score = [None] * n
         topk_labels = [None] * n
         topk_scores = [None] * n
-        emb = [None] * n
+        emb, raw = [None] * n, [None] * n
         if x is not None:
             self.features.clear()
-            probs = torch.softmax(self.model(x).float(), dim=1)  # (B_ok, num_classes)
+            out = self.model(x).float()  # (B_ok, num_classes) logits
+            probs = torch.softmax(out, dim=1)
+            out = out.cpu().numpy() if self.logits else None
             top = probs.topk(self.topk, dim=1)
             top_p, top_i = top.values.cpu().numpy(), top.indices.cpu().numpy()
             feats = self.features[0].float().flatten(1).cpu().numpy() if self.features else None
@@ -108,10 +112,14 @@ class ClassificationPredictor(_Predictor):
                 topk_scores[i] = [float(p) for p in top_p[j]]
                 if feats is not None:
                     emb[i] = feats[j].tolist()
+                if out is not None:
+                    raw[i] = out[j].tolist()
         cols = {"path": list(batch["path"]), "label": label, "label_index": label_index, "score": score,
                 "topk_labels": topk_labels, "topk_scores": topk_scores, "error": errors}
         if self.embedding_dim is not None:
             cols["embedding"] = emb
+        if self.logits:
+            cols["logits"] = raw
         return pa.Table.from_pydict(cols, schema=self.schema)
 
 

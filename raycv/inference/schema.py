@@ -10,7 +10,7 @@ import pyarrow as pa
 import raycv
 
 
-def classification_schema(embedding_dim: int | None = None) -> pa.Schema:
+def classification_schema(embedding_dim: int | None = None, logits_dim: int | None = None) -> pa.Schema:
     fields = [
         pa.field("path", pa.string(), nullable=False),
         pa.field("label", pa.string()),
@@ -22,6 +22,8 @@ def classification_schema(embedding_dim: int | None = None) -> pa.Schema:
     ]
     if embedding_dim:
         fields.append(pa.field("embedding", pa.list_(pa.float32(), embedding_dim)))
+    if logits_dim:  # infer.logits: the raw outputs, one per class (a teacher's, for offline distillation)
+        fields.append(pa.field("logits", pa.list_(pa.float32(), logits_dim)))
     return pa.schema(fields)
 
 
@@ -52,12 +54,12 @@ def detection_schema() -> pa.Schema:
     ])
 
 
-def output_schema(task: str, embedding_dim: int | None = None) -> pa.Schema:
+def output_schema(task: str, embedding_dim: int | None = None, logits_dim: int | None = None) -> pa.Schema:
     if task == "segmentation":
         return segmentation_schema()
     if task == "detection":
         return detection_schema()
-    return classification_schema(embedding_dim)
+    return classification_schema(embedding_dim, logits_dim)
 
 
 def file_metadata(*, checkpoint: str | None, model: str, classes: list[str], preprocess: dict,

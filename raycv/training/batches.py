@@ -65,6 +65,8 @@ class AugmentCollate(NumpyBatchCollateFn):
         images = torch.from_numpy(np.require(batch["image"], requirements=["C", "W"]))  # (B, C, S, S) uint8
         labels = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64))
         out = {"image": images, "label": labels}
+        if "logits" in batch:  # a teacher's, read from disk (train.distill.logits)
+            out["logits"] = torch.from_numpy(np.asarray(batch["logits"], dtype=np.float32))
         return out if self.defer else self.augment(out)
 
     def augment(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

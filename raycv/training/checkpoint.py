@@ -177,7 +177,7 @@ def _tensors_only(path: Path) -> Any:
 
     try:
         with warnings.catch_warnings():  # int8 weights are rebuilt through the TypedStorage torch deprecates
-            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            warnings.filterwarnings("ignore", message="(TypedStorage is deprecated|torch.quantize_per_tensor)")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"refusing to load {path}: not a tensors-only raycv file "

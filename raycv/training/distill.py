@@ -7,7 +7,12 @@ Online: the teacher (a raycv classification checkpoint) runs in every training w
 student, in eval mode and without gradients, on the same augmented batch. The batch reaches the
 teacher as its own checkpoint's preprocessing expects it: the student's normalization is undone and
 the teacher's applied, and the images are resized when the teacher was trained at another input
-size. A teacher of another task or other classes is refused in one line before training starts."""
+size. A teacher of another task or other classes is refused in one line before training starts.
+
+Offline: the teacher ran once over the training images (`raycv infer infer.logits=true`), and its
+`logits` column is joined to the training rows by path in the decode tasks (`attach_logits`). The
+pairing holds only if the student sees each image as it is: no random augmentation (checked before
+Ray starts). A training image without its teacher row is one line naming it."""
 
 from __future__ import annotations
 
@@ -50,8 +55,11 @@ class Distiller(nn.Module):
     def __init__(self, teacher: nn.Module, teacher_preset, student_mean, student_std, *, loss_fn: nn.Module,
                  temperature: float, alpha: float):
         super().__init__()
-        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None  # None: offline
         self.loss_fn, self.temperature, self.alpha = loss_fn, temperature, alpha
+        if teacher is None:
+            self.last_kd = torch.zeros(())
+            return
         self.size = int(teacher_preset.input_size)
         # x_teacher = (x * s_std + s_mean - t_mean) / t_std = x * scale + shift, per channel
         s_mean, s_std = torch.tensor(student_mean), torch.tensor(student_std)
@@ -62,7 +70,8 @@ class Distiller(nn.Module):
 
     def train(self, mode: bool = True) -> "Distiller":
         super().train(mode)
-        self.teacher.eval()  # the teacher's batch-norm statistics and dropout stay as trained
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher's batch-norm statistics and dropout stay as trained
         return self
 
     def teacher_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,9 +80,12 @@ class Distiller(nn.Module):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         return x
 
-    def forward(self, x: torch.Tensor, student: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            teacher = self.teacher(self.teacher_input(x))
+    def forward(self, x: torch.Tensor, student: torch.Tensor, y: torch.Tensor,
+                teacher: torch.Tensor | None = None) -> torch.Tensor:
+        """`teacher`: its logits for this batch, when read from disk (offline); else it runs here."""
+        if teacher is None:
+            with torch.no_grad():
+                teacher = self.teacher(self.teacher_input(x))
         kd = kd_loss(student, teacher, self.temperature)
         self.last_kd = kd.detach()
         if self.alpha >= 1.0:
@@ -84,6 +96,9 @@ class Distiller(nn.Module):
 def build_distiller(cfg, *, loss_fn: nn.Module, student_mean, student_std, device: torch.device) -> Distiller | None:
     """The `train.distill` section's Distiller, its teacher loaded (tensors only) onto `device`; or
     None when no teacher is set."""
+    if cfg.logits:
+        return Distiller(None, None, student_mean, student_std, loss_fn=loss_fn, temperature=cfg.temperature,
+                         alpha=cfg.alpha).to(device)
     if not cfg.teacher:
         return None
     from raycv.training import checkpoint as ckpt
@@ -91,3 +106,80 @@ def build_distiller(cfg, *, loss_fn: nn.Module, student_mean, student_std, devic
     teacher, info = ckpt.load_model(ckpt.resolve_checkpoint(cfg.teacher))
     return Distiller(teacher, info.preprocess, student_mean, student_std, loss_fn=loss_fn,
                      temperature=cfg.temperature, alpha=cfg.alpha).to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Offline: the teacher's logits from a raycv infer output, joined to the training rows by path
+# ----------------------------------------------------------------------------------------------
+
+AUGMENTING = (("data.augment", lambda c: c.data.augment != "none"), ("train.mixup_alpha", lambda c: c.train.mixup_alpha > 0),
+              ("train.cutmix_alpha", lambda c: c.train.cutmix_alpha > 0),
+              ("data.random_erasing", lambda c: c.data.random_erasing > 0), ("data.hflip", lambda c: c.data.hflip))
+
+
+def check_offline(cfg, task: str, classes: list[str] | None = None) -> None:
+    """`train.distill.logits` before Ray starts (and, with `classes`, once the dataset is known): a
+    complete raycv output with a `logits` column, of the run's classes, and a recipe that shows the
+    student each image as it is."""
+    from raycv.inference.output import OutputLocation
+
+    d = cfg.train.distill
+    if not d.logits:
+        return
+    if d.teacher:
+        raise UserError("train.distill: give a teacher (online) or logits (offline), not both")
+    if task != "classification":
+        raise UserError(f"train.distill.logits: distillation is for classification; this run trains {task}")
+    changed = next((key for key, on in AUGMENTING if on(cfg)), None)
+    if changed:
+        raise UserError(f"train.distill.logits pairs each image with the teacher's outputs on it as it is, and {changed} "
+                        f"changes the image: set data.augment=none with no MixUp, CutMix, random erasing or flips, "
+                        f"or distill online (train.distill.teacher)")
+    location = OutputLocation(d.logits)
+    manifest = location.manifest()
+    if manifest is None:
+        raise UserError(f"train.distill.logits={d.logits} is not a complete raycv infer output")
+    if not manifest.files or "logits" not in _schema_names(location, manifest.files[0]):
+        raise UserError(f"train.distill.logits={d.logits} has no logits column: infer with infer.logits=true")
+    there = manifest.metadata.get("classes")
+    if classes is not None and there != list(classes):
+        raise UserError(f"train.distill.logits={d.logits} holds the logits of other classes "
+                        f"({len(there or [])} there, {len(classes)} here)")
+
+
+def _schema_names(location, name: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    with location.fs.open_input_file(f"{location.path}/{name}") as f:
+        return pq.read_schema(f).names
+
+
+_LOOKUPS: dict[str, tuple[dict[str, int], "np.ndarray"]] = {}
+
+
+def _lookup(predictions: str):
+    """(path -> row, (rows, classes) float32 logits) of a raycv infer output, read once per process:
+    about 100 bytes per row beside the logits themselves."""
+    import numpy as np
+
+    if predictions not in _LOOKUPS:
+        from raycv.inference.output import read_output
+
+        table = read_output(predictions, columns=["path", "logits"])
+        column = table.column("logits").combine_chunks()
+        valid = column.is_valid().to_numpy(zero_copy_only=False)
+        matrix = column.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), column.type.list_size)
+        index = {p: i for i, p in enumerate(table.column("path").to_pylist()) if valid[i]}
+        _LOOKUPS[predictions] = (index, matrix)
+    return _LOOKUPS[predictions]
+
+
+def attach_logits(batch: dict, *, predictions: str) -> dict:
+    """Ray Data map_batches fn: the teacher's logits of each training row, by its path."""
+    index, matrix = _lookup(predictions)
+    rows = [index.get(str(p), -1) for p in batch["path"]]
+    if -1 in rows:
+        missing = batch["path"][rows.index(-1)]
+        raise UserError(f"train.distill.logits={predictions} has no teacher row for the training image {missing} "
+                        f"(infer over the same images: registry:<dataset>:train, or the same folder)")
+    return {**batch, "logits": matrix[rows]}

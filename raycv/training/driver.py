@@ -26,6 +26,7 @@ from raycv.errors import UserError
 from raycv.models import get_model, get_model_entry
 from raycv.redact import redact, redact_tree
 from raycv.training import pruning
+from raycv.training import distill
 from raycv.training.distill import check_teacher
 from raycv.training.entry import ExactValSplit, train_loop
 from raycv.training.progress import TrainProgress
@@ -101,7 +102,7 @@ def decoded_nbytes(preset, rows: int) -> int:
 
 
 def decoded(ds: ray.data.Dataset, preset, *, num_cpus: float, cache: bool, rows: int | None = None,
-            num_classes: int | None = None) -> ray.data.Dataset:
+            num_classes: int | None = None, keep: tuple[str, ...] = ("label",)) -> ray.data.Dataset:
     """Decode + the preset's geometry; `cache`: materialized in the object store. Segmentation
     masks and detection labels are checked against `num_classes`. A small cached set (`rows`
     known) is decoded in this process, anything else in Ray Data tasks."""
@@ -110,7 +111,7 @@ def decoded(ds: ray.data.Dataset, preset, *, num_cpus: float, cache: bool, rows:
     elif isinstance(preset, (DetectionTrainPreset, DetectionEvalPreset)):
         fn, kwargs = decode_boxes, {"preset": preset, "num_classes": num_classes}
     else:
-        fn, kwargs = decode_batch, {"geometry": preset.geometry, "shape": preset.shape, "with_path": False}
+        fn, kwargs = decode_batch, {"geometry": preset.geometry, "shape": preset.shape, "with_path": False, "keep": keep}
     if cache and rows is not None and decoded_nbytes(preset, rows) <= DRIVER_DECODE_BYTES:
         from ray.data.block import BlockAccessor
 
@@ -151,6 +152,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list |
     tasks.check_model_fits(task, cfg.model.name, get_model_entry(cfg.model.name).task)
     if cfg.train.distill.teacher:
         check_teacher(cfg.train.distill.teacher, task)
+    distill.check_offline(cfg, task)
     pruning.check(cfg.train.prune, task=task, init_from=cfg.model.init_from)
     tasks.check_extras(task)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
@@ -196,15 +198,22 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list |
         init_from_checkpoint(model, cfg.model.init_from, task)
     if cfg.train.distill.teacher:
         check_teacher(cfg.train.distill.teacher, task, splits.classes)
+    offline = bool(cfg.train.distill.logits)
+    if offline:  # the teacher's logits joined to each training row by its path, in Ray Data tasks
+        distill.check_offline(cfg, task, splits.classes)
+        splits.train = splits.train.map_batches(distill.attach_logits, fn_kwargs={"predictions": cfg.train.distill.logits},
+                                                batch_format="numpy", num_cpus=cfg.data.decode_cpus)
     echo(f"raycv: {cfg.model.name} on {cfg.data.name} ({splits.num_train} train / {splits.num_val} val images, "
          f"{len(splits.classes)} classes), "
          f"{f'{cfg.scaling.min_workers}-' if cfg.scaling.min_workers else ''}{cfg.scaling.num_workers} worker(s) "
          f"x {resources}; run {run_dir}")
     # A shard small enough for the workers' own memory is also kept there after epoch 1 (ShardCache).
     shard_mb = decoded_nbytes(train_preset, splits.num_train) / cfg.scaling.fewest_workers / 1e6
-    worker_cache = task == "classification" and cfg.data.cache and 0 < shard_mb <= cfg.data.worker_cache_mb
+    worker_cache = (task == "classification" and cfg.data.cache and 0 < shard_mb <= cfg.data.worker_cache_mb
+                    and not offline)  # ShardCache keeps images and labels only
     train_ds = decoded(splits.train, train_preset, num_cpus=cfg.data.decode_cpus, cache=cfg.data.cache,
-                       rows=splits.num_train, num_classes=len(splits.classes))
+                       rows=splits.num_train, num_classes=len(splits.classes),
+                       keep=("label", "logits") if offline else ("label",))
     val_ds = decoded(splits.val, eval_preset, num_cpus=cfg.data.decode_cpus, cache=cfg.data.cache, rows=splits.num_val,
                      num_classes=len(splits.classes))
 

@@ -53,8 +53,9 @@ class Stepper:
         self.micro = 0
         self.optimizer.zero_grad(set_to_none=True)
 
-    def __call__(self, x, y) -> StepResult:
-        """x: (B, C, H, W) normalized float images; y: class indices, masks, or detection targets."""
+    def __call__(self, x, y, teacher_logits=None) -> StepResult:
+        """x: (B, C, H, W) normalized float images; y: class indices, masks, or detection targets;
+        `teacher_logits`: a teacher's outputs on x read from disk (offline distillation)."""
         if self.mix is not None:
             x, y = self.mix(x, y)  # y: (B, num_classes) probabilities
         self.micro += 1
@@ -63,7 +64,7 @@ class Stepper:
             if self.detection:  # torchvision detection models: a list of images and targets in, their loss dict out
                 loss = sum(self.forward(list(self.precision.input(x)), y).values())
             elif self.distill is not None:
-                loss = self.distill(x, self.forward(self.precision.input(x)), y)
+                loss = self.distill(x, self.forward(self.precision.input(x)), y, teacher_logits)
             else:
                 loss = self.loss_fn(self.forward(self.precision.input(x)), y)
         self.precision.scaler.scale(loss / self.accum).backward()
@@ -94,7 +95,7 @@ def build_stepper(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
     (mean, std) the batches are normalized with). Detection models compute their own losses."""
     loss_fn = None if task == "detection" else build_loss(cfg, task)
     distill = None
-    if cfg.distill.teacher and task == "classification":
+    if (cfg.distill.teacher or cfg.distill.logits) and task == "classification":
         from raycv.training.distill import build_distiller
 
         distill = build_distiller(cfg.distill, loss_fn=loss_fn, student_mean=student_norm[0],

@@ -173,7 +173,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 batch = collate.augment(batch)
             x = train_preset.normalize(batch["image"].to(device))  # (B, C, H, W) float32
             y = box_targets(batch, device) if detection else batch[target].to(device)
-            result = stepper(x, y)
+            result = stepper(x, y, batch["logits"].to(device) if "logits" in batch else None)
             loss = result.loss.item()  # one device sync per batch
             if result.stepped and log is not None:
                 log.step(epoch=epoch, loss=loss, lr=optimizer.param_groups[0]["lr"], grad_norm=result.grad_norm)
