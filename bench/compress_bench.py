@@ -1,7 +1,8 @@
 """Model compression side by side, in one run, on the generated `shapes` (CPU): for the seed's CNN and
 a ResNet-18 (CIFAR stem), the float model, its int8 quantization (`raycv quantize`), its structured
-pruning at 50% of the channels (`train.prune`, fine-tuned), and a seed-CNN student distilled online
-from the ResNet-18 (`train.distill`) beside the same student trained on the labels alone. For each:
+pruning at 50% of the channels (`train.prune`, fine-tuned), and a seed-CNN student distilled from the
+ResNet-18 (`train.distill`), online and offline (the teacher's logits written once by `raycv infer`),
+beside the same student trained on the labels alone (its float row). For each:
 parameters, `model.pt` size, CPU images/s in a bare loop (the model alone under inference_mode on
 preprocessed batches of 64: what the model costs, no decoding; measured after every raycv command has
 exited, the models taking turns) and through `raycv infer` (whole
@@ -120,6 +121,13 @@ def main() -> None:
     student = train(work, "student-distilled", "model.name=simple_cnn", f"train.epochs={e}",
                     f"train.distill.teacher={teacher}", "train.distill.alpha=0.5", "train.distill.temperature=4")
     rows.append(measure(work, "distilled from resnet18_cifar (online)", "simple_cnn", student))
+    logits = work / "teacher-logits"  # offline: the teacher once over the training split, then the student alone
+    if not (logits / "_raycv_manifest.json").exists():
+        raycv("infer", "--checkpoint", str(teacher), "--input", "registry:shapes:train", "--output", str(logits),
+              "infer.logits=true", cwd=work)
+    offline = train(work, "student-offline", "model.name=simple_cnn", f"train.epochs={e}", "data.augment=none",
+                    f"train.distill.logits={logits}", "train.distill.alpha=0.5", "train.distill.temperature=4")
+    rows.append(measure(work, "distilled offline (teacher's logits)", "simple_cnn", offline))
     time.sleep(5)  # Ray's processes of the last command gone
     for r, speed in zip(rows, bare_loops([Path(r.pop("checkpoint")) for r in rows])):
         r["bare_img_s"] = round(speed)
