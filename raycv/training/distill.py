@@ -183,3 +183,19 @@ def attach_logits(batch: dict, *, predictions: str) -> dict:
         raise UserError(f"train.distill.logits={predictions} has no teacher row for the training image {missing} "
                         f"(infer over the same images: registry:<dataset>:train, or the same folder)")
     return {**batch, "logits": matrix[rows]}
+
+
+def check(cfg, task: str, classes: list[str] | None = None) -> None:
+    """`train.distill` before Ray starts, and again with `classes` once the dataset is known."""
+    if cfg.train.distill.teacher:
+        check_teacher(cfg.train.distill.teacher, task, classes)
+    check_offline(cfg, task, classes)
+
+
+def with_teacher_logits(ds, cfg):
+    """The training rows with the teacher's logits joined by path (train.distill.logits), in Ray Data
+    tasks; `ds` as it is otherwise."""
+    if not cfg.train.distill.logits:
+        return ds
+    return ds.map_batches(attach_logits, fn_kwargs={"predictions": cfg.train.distill.logits}, batch_format="numpy",
+                          num_cpus=cfg.data.decode_cpus)

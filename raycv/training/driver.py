@@ -27,10 +27,9 @@ from raycv.models import get_model, get_model_entry
 from raycv.redact import redact, redact_tree
 from raycv.training import pruning
 from raycv.training import distill
-from raycv.training.distill import check_teacher
 from raycv.training.entry import ExactValSplit, train_loop
 from raycv.training.progress import TrainProgress
-from raycv.training.tracking import METRICS_LOG, startup_marks
+from raycv.training.tracking import METRICS_LOG, mlflow_artifacts, mlflow_tracking_uri, startup_marks
 
 
 @dataclass
@@ -150,9 +149,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list |
     if cfg.model.init_from and not fsio.exists(cfg.model.init_from):
         raise UserError(f"model.init_from does not exist: {cfg.model.init_from}")
     tasks.check_model_fits(task, cfg.model.name, get_model_entry(cfg.model.name).task)
-    if cfg.train.distill.teacher:
-        check_teacher(cfg.train.distill.teacher, task)
-    distill.check_offline(cfg, task)
+    distill.check(cfg, task)  # a teacher's checkpoint, or logits and a recipe that keeps their pairing
     pruning.check(cfg.train.prune, task=task, init_from=cfg.model.init_from)
     tasks.check_extras(task)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
@@ -165,7 +162,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list |
     make_presets(cfg, (0.0,) * 3, (1.0,) * 3, task)  # their settings are checked here, before Ray starts
     if cfg.train.amp == "fp16" and not cfg.scaling.use_gpu:
         raise UserError("train.amp=fp16 needs GPUs (scaling.use_gpu=true); on CPU use train.amp=bf16")
-    mlflow_uri = _mlflow_tracking_uri(cfg, echo)
+    mlflow_uri = mlflow_tracking_uri(cfg.run.mlflow_tracking_uri, echo)
     storage = resolve_storage_path(cfg.run.storage_path)
     name = cfg.run.name or default_run_name(cfg)
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name, "storage_path": storage})})
@@ -196,13 +193,9 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list |
         from raycv.training.checkpoint import init_from_checkpoint
 
         init_from_checkpoint(model, cfg.model.init_from, task)
-    if cfg.train.distill.teacher:
-        check_teacher(cfg.train.distill.teacher, task, splits.classes)
+    distill.check(cfg, task, splits.classes)
     offline = bool(cfg.train.distill.logits)
-    if offline:  # the teacher's logits joined to each training row by its path, in Ray Data tasks
-        distill.check_offline(cfg, task, splits.classes)
-        splits.train = splits.train.map_batches(distill.attach_logits, fn_kwargs={"predictions": cfg.train.distill.logits},
-                                                batch_format="numpy", num_cpus=cfg.data.decode_cpus)
+    splits.train = distill.with_teacher_logits(splits.train, cfg)
     echo(f"raycv: {cfg.model.name} on {cfg.data.name} ({splits.num_train} train / {splits.num_val} val images, "
          f"{len(splits.classes)} classes), "
          f"{f'{cfg.scaling.min_workers}-' if cfg.scaling.min_workers else ''}{cfg.scaling.num_workers} worker(s) "
@@ -276,7 +269,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list |
         echo(f"raycv: could not draw the training curves: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     fsio.write_text(fsio.join(run_dir, "summary.json"), json.dumps(redact_tree(summary.to_json()), indent=1))
     if mlflow_uri:
-        _mlflow_artifacts(mlflow_uri, run_dir, echo)
+        mlflow_artifacts(mlflow_uri, run_dir, echo)
     return summary
 
 
@@ -336,52 +329,6 @@ def _check_resume(cfg: TrainConfig, run_dir: str, echo: Callable[[str], None]) -
 
 def _redacted(echo: Callable[[str], None]) -> Callable[[str], None]:
     return lambda line: echo(redact(line))
-
-
-def _mlflow_tracking_uri(cfg: TrainConfig, echo: Callable[[str], None]) -> str | None:
-    """run.mlflow_tracking_uri, else $MLFLOW_TRACKING_URI when mlflow is installed, else None (off)."""
-    import importlib.util
-    import os
-
-    installed = importlib.util.find_spec("mlflow") is not None
-    if cfg.run.mlflow_tracking_uri:
-        if not installed:
-            raise UserError("run.mlflow_tracking_uri is set but mlflow is not installed: pip install 'raycv[mlflow]'")
-        return cfg.run.mlflow_tracking_uri
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri and not installed:
-        echo("raycv: $MLFLOW_TRACKING_URI is set but mlflow is not installed: not logging to MLflow")
-    return uri if uri and installed else None
-
-
-def _mlflow_artifacts(tracking_uri: str, run_dir: str, echo: Callable[[str], None]) -> None:
-    """The finished run's curves, summary and metrics log as artifacts of its MLflow run."""
-    import os
-    import tempfile
-
-    from raycv.training.tracking import MLFLOW_RUN_ID, allow_file_store
-
-    run_id = (fsio.read_text(fsio.join(run_dir, MLFLOW_RUN_ID)) or "").strip()
-    if not run_id:
-        return
-    try:
-        from mlflow.tracking import MlflowClient
-
-        allow_file_store(tracking_uri)
-        client = MlflowClient(tracking_uri)
-        with tempfile.TemporaryDirectory(prefix="raycv-mlflow-") as tmp:
-            for name in ("curves.png", "summary.json", METRICS_LOG):
-                try:
-                    data = fsio.read_bytes(fsio.join(run_dir, name))
-                except FileNotFoundError:
-                    continue
-                local = os.path.join(tmp, name)
-                with open(local, "wb") as f:
-                    f.write(data)
-                client.log_artifact(run_id, local)
-        client.set_terminated(run_id)
-    except Exception as e:  # the run itself is done and saved; MLflow is a view of it
-        echo(f"raycv: could not log artifacts to MLflow: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
 
 
 def _uri(checkpoint, storage: str) -> str | None:

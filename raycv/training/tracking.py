@@ -6,13 +6,15 @@ after each epoch)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from raycv.data import io as fsio
+from raycv.errors import UserError
 
 METRICS_LOG = "metrics.jsonl"  # one line per epoch
 STEPS_LOG = "steps.jsonl"  # one line every `train.log_every_steps` optimizer steps
@@ -186,3 +188,44 @@ def startup_marks(marks: dict[str, float], run_dir: str) -> dict[str, float]:
     if worker.get("first_step", 0) < marks["trainer_fit"]:  # an earlier run's: this one trained nothing
         worker = {}
     return {k: round(t - zero, 2) for k, t in {**marks, **worker}.items()}
+
+
+def mlflow_tracking_uri(configured: str | None, echo: Callable[[str], None]) -> str | None:
+    """The driver's choice: run.mlflow_tracking_uri (`configured`), else $MLFLOW_TRACKING_URI when
+    mlflow is installed, else None (off)."""
+    import importlib.util
+
+    installed = importlib.util.find_spec("mlflow") is not None
+    if configured:
+        if not installed:
+            raise UserError("run.mlflow_tracking_uri is set but mlflow is not installed: pip install 'raycv[mlflow]'")
+        return configured
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and not installed:
+        echo("raycv: $MLFLOW_TRACKING_URI is set but mlflow is not installed: not logging to MLflow")
+    return uri if uri and installed else None
+
+
+def mlflow_artifacts(tracking_uri: str, run_dir: str, echo: Callable[[str], None]) -> None:
+    """The finished run's curves, summary and metrics log as artifacts of its MLflow run."""
+    run_id = (fsio.read_text(fsio.join(run_dir, MLFLOW_RUN_ID)) or "").strip()
+    if not run_id:
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        allow_file_store(tracking_uri)
+        client = MlflowClient(tracking_uri)
+        with tempfile.TemporaryDirectory(prefix="raycv-mlflow-") as tmp:
+            for name in ("curves.png", "summary.json", METRICS_LOG):
+                try:
+                    data = fsio.read_bytes(fsio.join(run_dir, name))
+                except FileNotFoundError:
+                    continue
+                local = os.path.join(tmp, name)
+                with open(local, "wb") as f:
+                    f.write(data)
+                client.log_artifact(run_id, local)
+        client.set_terminated(run_id)
+    except Exception as e:  # the run itself is done and saved; MLflow is a view of it
+        echo(f"raycv: could not log artifacts to MLflow: {str(e).splitlines()[0] if str(e) else type(e).__name__}")

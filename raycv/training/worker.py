@@ -125,7 +125,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     raw = ckpt.unwrap(model)
     stepper = build_stepper(model, optimizer, scheduler, cfg=tc, task=task, num_classes=len(classes),
                             precision=precision, batches_per_epoch=batches_per_epoch, ema=ema, ema_source=raw,
-                            student_norm=(train_preset.mean, train_preset.std), device=device,
+                            student_norm=(train_preset.mean, train_preset.std) if task == "classification" else None,
+                            device=device,
                             masks=pruning.masks(raw) if tc.prune.amount and tc.prune.method == "global_magnitude" else None)
     loss_fn = stepper.loss_fn
     nodes = _worker_nodes(rank, world)
