@@ -10,9 +10,8 @@ import ray.data
 
 from raycv.config import DataSection
 from raycv.data.io import exists, list_files, read_text, resolve
-from raycv.data.presets import IMAGENET_MEAN, IMAGENET_STD
 from raycv.data.registry import DatasetSplits, register_dataset
-from raycv.data.sources import HF_TRAIN, HF_VAL, _parquet_classes, _parquet_rows, parquet
+from raycv.data.sources import HF_TRAIN, HF_VAL, labelled_splits, parquet
 from raycv.errors import UserError
 
 
@@ -109,11 +108,4 @@ def huggingface(cfg: DataSection) -> DatasetSplits:
     columns = [cfg.image_column, cfg.label_column]
     (train, n_train), (val, n_val) = (read_arrow_rows(_split_files(root, s), columns, num_cpus=cfg.decode_cpus)
                                       for s in (train_split, val_split))
-    names = _class_names(root, train_split, cfg.label_column)
-    classes, by_name = (names, False) if names else _parquet_classes([train, val], cfg.label_column)
-    fn_kwargs = dict(image_column=cfg.image_column, label_column=cfg.label_column,
-                     index={c: i for i, c in enumerate(classes)} if by_name else None, source=root)
-    train = train.map_batches(_parquet_rows, fn_kwargs=fn_kwargs, batch_format="numpy", num_cpus=cfg.decode_cpus)
-    val = val.map_batches(_parquet_rows, fn_kwargs=fn_kwargs, batch_format="numpy", num_cpus=cfg.decode_cpus)
-    return DatasetSplits(classes, train, val, n_train, n_val,
-                         tuple(cfg.mean or IMAGENET_MEAN), tuple(cfg.std or IMAGENET_STD))
+    return labelled_splits(cfg, root, train, n_train, val, n_val, _class_names(root, train_split, cfg.label_column))

@@ -305,6 +305,13 @@ def parquet(cfg: DataSection) -> DatasetSplits:
     else:
         train, n_train, val, n_val = subfolders_or_split(root, cfg, lambda folder: _parquet_split(folder, cfg))
     names = hugging_face_class_names(files[0], cfg.label_column) if files else None
+    return labelled_splits(cfg, root, train, n_train, val, n_val, names)
+
+
+def labelled_splits(cfg: DataSection, root: str, train: ray.data.Dataset, n_train: int, val: ray.data.Dataset,
+                    n_val: int, names: list[str] | None) -> DatasetSplits:
+    """Rows of an image column and a label column (an index or a class name) -> raycv's rows, the
+    classes `names` (a ClassLabel's) or, without them, the labels found."""
     classes, by_name = (names, False) if names else _parquet_classes([train, val], cfg.label_column)
     fn_kwargs = dict(image_column=cfg.image_column, label_column=cfg.label_column,
                      index={c: i for i, c in enumerate(classes)} if by_name else None, source=root)
@@ -312,6 +319,7 @@ def parquet(cfg: DataSection) -> DatasetSplits:
     val = val.map_batches(_parquet_rows, fn_kwargs=fn_kwargs, batch_format="numpy", num_cpus=cfg.decode_cpus)
     return DatasetSplits(classes, train, val, n_train, n_val,
                          tuple(cfg.mean or IMAGENET_MEAN), tuple(cfg.std or IMAGENET_STD))
+
 
 def classes_file(root: str) -> list[str] | None:
     text = read_text(f"{root}/classes.txt")
