@@ -20,6 +20,7 @@ the float architecture and load it (`rebuild`)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import time
 import warnings
@@ -99,14 +100,6 @@ def rebuild(model: nn.Module, quantization: dict[str, Any], shape: tuple[int, ..
     raise UserError(f"unknown quantization method {method!r} in the checkpoint (this raycv knows static, dynamic)")
 
 
-def _size_mb(state: dict) -> float:
-    import io
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.tell() / 1e6
-
-
 def calibration_batches(info, specs: list[str] | None, images: int, *, seed: int = 0) -> tuple[torch.Tensor, int]:
     """(N, C, S, S) normalized images the checkpoint's eval preset makes of `specs` (files, folders,
     globs: `images` of them, evenly spaced over the sorted listing), or of the checkpoint's own
@@ -180,7 +173,7 @@ def quantize_checkpoint(checkpoint: str, output: str | os.PathLike, *, calibrati
     with _quiet():
         if method in ("auto", "static"):
             try:
-                prepared = _prepare_static(ckpt.load_model(directory)[0], backend, shape)
+                prepared = _prepare_static(copy.deepcopy(model), backend, shape)
             except Exception as e:  # FX cannot trace it (detection's data-dependent control flow)
                 if method == "static":
                     raise UserError(f"{info.model_name} cannot be traced for static quantization "
@@ -196,7 +189,7 @@ def quantize_checkpoint(checkpoint: str, output: str | os.PathLike, *, calibrati
             if not any(isinstance(m, nn.Linear) for m in model.modules()):
                 raise UserError(f"{info.model_name} has no linear layers for dynamic quantization"
                                 f"{' and cannot be traced for static quantization' if why else ''}: nothing to quantize")
-            quantized = _dynamic(ckpt.load_model(directory)[0])
+            quantized = _dynamic(copy.deepcopy(model))
     with _quiet(), torch.inference_mode():
         got = _outputs(quantized, info.task, x)
     agreement, diff = _compare(reference, got, info.task)
@@ -209,7 +202,8 @@ def quantize_checkpoint(checkpoint: str, output: str | os.PathLike, *, calibrati
                                  config=info.config, quantization=qmeta, pruning=info.pruning)
     with _quiet():
         ckpt.write_checkpoint(out, quantized, q_info)
-        fp32_mb, int8_mb = _size_mb(model.state_dict()), (out / ckpt.MODEL_FILE).stat().st_size / 1e6
+    fp32_mb = (ckpt.local_dir(directory) / ckpt.MODEL_FILE).stat().st_size / 1e6
+    int8_mb = (out / ckpt.MODEL_FILE).stat().st_size / 1e6
     return QuantizeSummary(str(out), chosen, backend, qmeta["calibration_images"], round(fp32_mb, 3), round(int8_mb, 3),
                            agreement, diff, round(time.perf_counter() - t0, 1))
 
