@@ -154,15 +154,16 @@ def _schema_names(location, name: str) -> list[str]:
         return pq.read_schema(f).names
 
 
-_LOOKUPS: dict[str, tuple[dict[str, int], "np.ndarray"]] = {}
+_LOOKUPS: dict[tuple[str, str], tuple[dict[str, int], "np.ndarray"]] = {}
 
 
-def _lookup(predictions: str):
-    """(path -> row, (rows, classes) float32 logits) of a raycv infer output, read once per process:
-    about 100 bytes per row beside the logits themselves."""
+def _lookup(predictions: str, version: str):
+    """(path -> row, (rows, classes) float32 logits) of a raycv infer output, read once per process
+    and `version` (its manifest's digest: a Ray worker process outlives a run, and the output may
+    be written again): about 100 bytes per row beside the logits themselves."""
     import numpy as np
 
-    if predictions not in _LOOKUPS:
+    if (predictions, version) not in _LOOKUPS:
         from raycv.inference.output import read_output
 
         table = read_output(predictions, columns=["path", "logits"])
@@ -170,13 +171,14 @@ def _lookup(predictions: str):
         valid = column.is_valid().to_numpy(zero_copy_only=False)
         matrix = column.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), column.type.list_size)
         index = {p: i for i, p in enumerate(table.column("path").to_pylist()) if valid[i]}
-        _LOOKUPS[predictions] = (index, matrix)
-    return _LOOKUPS[predictions]
+        _LOOKUPS.clear()
+        _LOOKUPS[(predictions, version)] = (index, matrix)
+    return _LOOKUPS[(predictions, version)]
 
 
-def attach_logits(batch: dict, *, predictions: str) -> dict:
+def attach_logits(batch: dict, *, predictions: str, version: str) -> dict:
     """Ray Data map_batches fn: the teacher's logits of each training row, by its path."""
-    index, matrix = _lookup(predictions)
+    index, matrix = _lookup(predictions, version)
     rows = [index.get(str(p), -1) for p in batch["path"]]
     if -1 in rows:
         missing = batch["path"][rows.index(-1)]
@@ -195,7 +197,12 @@ def check(cfg, task: str, classes: list[str] | None = None) -> None:
 def with_teacher_logits(ds, cfg):
     """The training rows with the teacher's logits joined by path (train.distill.logits), in Ray Data
     tasks; `ds` as it is otherwise."""
+    import hashlib
+
+    from raycv.inference.output import OutputLocation
+
     if not cfg.train.distill.logits:
         return ds
-    return ds.map_batches(attach_logits, fn_kwargs={"predictions": cfg.train.distill.logits}, batch_format="numpy",
-                          num_cpus=cfg.data.decode_cpus)
+    version = hashlib.sha256(OutputLocation(cfg.train.distill.logits).manifest().to_json().encode()).hexdigest()
+    return ds.map_batches(attach_logits, fn_kwargs={"predictions": cfg.train.distill.logits, "version": version},
+                          batch_format="numpy", num_cpus=cfg.data.decode_cpus)
