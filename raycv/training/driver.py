@@ -170,7 +170,8 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list |
     resumed_from = _check_resume(cfg, run_dir, echo)
     runtime.connect(cfg.run.address, verbose=cfg.run.verbose)
     marks["ray"] = time.time()
-    budget = runtime.cpu_budget(need=cfg.scaling.data_cpus + 0.1 * cfg.scaling.fewest_workers)
+    default_sizing = cfg.scaling.cpus_per_worker is None and not cfg.scaling.use_gpu  # shares the CPUs free now
+    budget = runtime.cpu_budget(need=cfg.scaling.data_cpus + 0.1 * cfg.scaling.fewest_workers if default_sizing else 0.0)
     resources, threads = runtime.plan_worker_resources(
         num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, cpus_per_worker=cfg.scaling.cpus_per_worker,
         gpus_per_worker=cfg.scaling.gpus_per_worker, data_cpus=cfg.scaling.data_cpus, total_cpus=budget.total,
