@@ -109,6 +109,7 @@ class TrainSection(_Section):
     cutmix_alpha: float = Field(0.0, ge=0.0)  # > 0 enables CutMix (with MixUp: one of them per batch)
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)  # EMA of the weights, evaluated and checkpointed
     sync_batchnorm: bool = False  # SyncBatchNorm across ranks (GPU)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more compute
     log_every_steps: int = Field(50, ge=0)  # rank 0's loss and lr every N optimizer steps (steps.jsonl, TensorBoard); 0: off
     tensorboard: bool = True  # TensorBoard event files in <run>/tensorboard
     early_stop_patience: int | None = Field(None, ge=1)  # stop after this many epochs without a better checkpoint_metric
@@ -118,6 +119,7 @@ class TrainSection(_Section):
 
 class ScalingSection(_Section):
     num_workers: int = Field(2, ge=1, le=10_000)  # Ray Train workers (DDP ranks)
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp: parameters, gradients and optimizer state sharded (FSDP2)
     # Elastic training: with min_workers below num_workers, Ray Train starts with as many workers as the
     # cluster holds between the two, and resizes (restarting from the last checkpoint) as nodes come and go.
     min_workers: int | None = Field(None, ge=1, le=10_000)

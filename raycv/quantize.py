@@ -161,6 +161,7 @@ def quantize_checkpoint(checkpoint: str, output: str | os.PathLike, *, calibrati
         raise UserError(f"--output {out} exists and is not empty; give a new folder")
     directory = ckpt.resolve_checkpoint(str(checkpoint))
     model, info = ckpt.load_model(directory)
+    fp32_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor)) / 1e6  # model.pt's tensors
     if info.quantization:
         raise UserError(f"{directory} is already quantized ({info.quantization.get('method')} int8)")
     _engine(backend)
@@ -202,7 +203,6 @@ def quantize_checkpoint(checkpoint: str, output: str | os.PathLike, *, calibrati
                                  config=info.config, quantization=qmeta, pruning=info.pruning)
     with _quiet():
         ckpt.write_checkpoint(out, quantized, q_info)
-    fp32_mb = (ckpt.local_dir(directory) / ckpt.MODEL_FILE).stat().st_size / 1e6
     int8_mb = (out / ckpt.MODEL_FILE).stat().st_size / 1e6
     return QuantizeSummary(str(out), chosen, backend, qmeta["calibration_images"], round(fp32_mb, 3), round(int8_mb, 3),
                            agreement, diff, round(time.perf_counter() - t0, 1))

@@ -113,8 +113,22 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     return model
 
 
+# torchvision's ViT builders fix these; raycv lets model.kwargs change them (a smaller or larger ViT
+# of the same family, trained from scratch): vit_b_16 with {num_layers: 2, hidden_dim: 64, ...}.
+VIT_SHAPES = {"vit_b_16": (16, 12, 12, 768, 3072), "vit_b_32": (32, 12, 12, 768, 3072),
+              "vit_l_16": (16, 24, 16, 1024, 4096), "vit_l_32": (32, 24, 16, 1024, 4096),
+              "vit_h_14": (14, 32, 16, 1280, 5120)}
+VIT_KEYS = ("patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim")
+
+
 def _make(arch: str):
     def build(*, num_classes: int, weights: str | None = None, **kwargs) -> nn.Module:
+        if arch in VIT_SHAPES and any(k in kwargs for k in VIT_KEYS):
+            if weights is not None:
+                raise UserError(f"model {arch!r}: pretrained weights fix {', '.join(VIT_KEYS)}; drop them from "
+                                f"model.kwargs or drop model.weights")
+            shape = dict(zip(VIT_KEYS, VIT_SHAPES[arch]), image_size=224)
+            return tvm.VisionTransformer(**{**shape, **kwargs}, num_classes=num_classes)
         if weights is None:
             return tvm.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
         w = resolve_weights(arch, weights)

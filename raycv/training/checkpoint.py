@@ -5,6 +5,10 @@
   arguments, class names, eval preset) plus the epoch, its metrics and the run config;
 - `train_state.pt`: optimizer, scheduler and epoch for resume, tensors and plain values only.
 
+A run with `scaling.strategy=fsdp` writes a sharded checkpoint instead of `model.pt`: every rank's
+`__<rank>_0.distcp` and DCP's `.metadata` (raycv.training.sharding), with `raycv.json` saying
+`sharded`; loading consolidates it, so nothing downstream needs to know how it was trained.
+
 Loading never unpickles arbitrary objects: a file that needs more than tensors is refused.
 `raycv.json` is written last and records the size and SHA-256 of the other files: a checkpoint
 torn by a crash while it was written or copied (a truncated `model.pt`, or one file from another
@@ -48,6 +52,7 @@ class CheckpointInfo:
     config: dict[str, Any]
     quantization: dict[str, Any] | None = None  # int8 (raycv quantize): method, backend, calibration
     pruning: dict[str, Any] | None = None  # train.prune: method, amount, structured, sparsity, parameters
+    sharded: dict[str, Any] | None = None  # scaling.strategy=fsdp: format, world_size (no model.pt)
 
     def to_json(self, files: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         return {"format": "raycv-checkpoint", "format_version": FORMAT_VERSION, "raycv_version": raycv.__version__,
@@ -55,7 +60,8 @@ class CheckpointInfo:
                 "classes": self.classes, "num_classes": len(self.classes), "preprocess": self.preprocess.to_dict(),
                 "epoch": self.epoch, "metrics": self.metrics, "config": self.config, "files": files or {},
                 **({"quantization": self.quantization} if self.quantization else {}),
-                **({"pruning": self.pruning} if self.pruning else {})}
+                **({"pruning": self.pruning} if self.pruning else {}),
+                **({"sharded": self.sharded} if self.sharded else {})}
 
     @classmethod
     def from_meta(cls, m: "Meta") -> "CheckpointInfo":
@@ -64,7 +70,8 @@ class CheckpointInfo:
                    preprocess=eval_preset_from_dict(m.preprocess.model_dump(exclude_none=True)), epoch=m.epoch,
                    metrics=m.metrics, config=m.config,
                    quantization=m.quantization.model_dump() if m.quantization else None,
-                   pruning=m.pruning.model_dump() if m.pruning else None)
+                   pruning=m.pruning.model_dump() if m.pruning else None,
+                   sharded=m.sharded.model_dump() if m.sharded else None)
 
 
 class _Strict(BaseModel):
@@ -107,6 +114,12 @@ class _PruneMeta(_Strict):
     source: str | None = None
 
 
+class _ShardMeta(_Strict):
+    format: Literal["torch.distributed.checkpoint"]
+    world_size: int = Field(ge=1)
+    strategy: Literal["fsdp"] = "fsdp"
+
+
 class Meta(_Strict):
     """What `raycv.json` must hold."""
 
@@ -121,6 +134,7 @@ class Meta(_Strict):
     files: dict[str, _FileMeta] = Field(default_factory=dict)
     quantization: _QuantMeta | None = None
     pruning: _PruneMeta | None = None
+    sharded: _ShardMeta | None = None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -137,7 +151,12 @@ def write_checkpoint(directory: str | os.PathLike, model: nn.Module, info: Check
         torch.save(train_state, d / STATE_FILE)
         files.append(STATE_FILE)
     digests = {name: {"bytes": (d / name).stat().st_size, "sha256": sha256_file(d / name)} for name in files}
-    # last, and atomically: its presence marks a whole checkpoint, its digests say which files belong to it
+    return write_meta(d, info, digests)
+
+
+def write_meta(d: Path, info: CheckpointInfo, digests: dict[str, dict[str, Any]]) -> Path:
+    """raycv.json, last and atomically: its presence marks a whole checkpoint, its digests say which
+    files belong to it (a sharded checkpoint's: every rank's)."""
     tmp = d / f".{META_FILE}.tmp"
     tmp.write_text(json.dumps(info.to_json(digests), indent=1))
     os.replace(tmp, d / META_FILE)
@@ -166,6 +185,14 @@ def verify(directory: str | os.PathLike, name: str) -> None:
         return
     raise UserError(f"checkpoint {d} is torn: {name} is not the file its {META_FILE} records ({problem}); "
                     f"was it written or copied by a run that crashed? use another checkpoint")
+
+
+def verify_all(directory: str | os.PathLike) -> None:
+    """Every file `raycv.json` records (a sharded checkpoint: every rank's) is the one it records."""
+    d = Path(directory)
+    if (d / META_FILE).is_file():
+        for name in _read_meta(d / META_FILE).files:
+            verify(d, name)
 
 
 def new_checkpoint_dir() -> Path:
@@ -209,9 +236,13 @@ def read_info(directory: str | os.PathLike) -> CheckpointInfo:
     if not d.is_dir():
         raise UserError(f"checkpoint not found: {d}")
     meta = d / META_FILE
-    if not meta.is_file() or not (d / MODEL_FILE).is_file():
-        raise UserError(f"not a raycv checkpoint: {d} lacks {META_FILE} or {MODEL_FILE}")
-    return CheckpointInfo.from_meta(_read_meta(meta))
+    if not meta.is_file():
+        raise UserError(f"not a raycv checkpoint: {d} lacks {META_FILE}")
+    info = CheckpointInfo.from_meta(_read_meta(meta))
+    if not (d / (".metadata" if info.sharded else MODEL_FILE)).is_file():
+        raise UserError(f"not a raycv checkpoint: {d} lacks {'.metadata' if info.sharded else MODEL_FILE}"
+                        f"{' (a sharded checkpoint)' if info.sharded else ''}")
+    return info
 
 
 def _read_meta(path: Path) -> Meta:
@@ -227,8 +258,27 @@ def _read_meta(path: Path) -> Meta:
 
 
 def load_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model's full state_dict; a sharded checkpoint's consolidated in this process."""
+    d = Path(directory)
+    if (d / META_FILE).is_file() and not (d / MODEL_FILE).is_file():
+        info = read_info(d)
+        if info.sharded:
+            return _consolidated(d, info)
     verify(directory, MODEL_FILE)
     return _tensors_only(Path(directory) / MODEL_FILE)
+
+
+def _consolidated(d: Path, info: CheckpointInfo) -> dict[str, torch.Tensor]:
+    from raycv.models import get_model
+    from raycv.training import sharding
+
+    verify_all(d)
+    try:
+        model = get_model(info.model_name, num_classes=len(info.classes), **info.model_kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"checkpoint {d}: cannot build {info.model_name!r} from its {META_FILE}: "
+                        f"{str(e).splitlines()[0]}") from None
+    return sharding.consolidated_state_dict(d, model)
 
 
 def load_train_state(directory: str | os.PathLike) -> dict[str, Any] | None:

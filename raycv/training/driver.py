@@ -25,7 +25,7 @@ from raycv.data.presets import (ClassificationEvalPreset, ClassificationTrainPre
 from raycv.errors import UserError
 from raycv.models import get_model, get_model_entry
 from raycv.redact import redact, redact_tree
-from raycv.training import pruning
+from raycv.training import pruning, sharding
 from raycv.training import distill
 from raycv.training.entry import ExactValSplit, train_loop
 from raycv.training.progress import TrainProgress
@@ -151,6 +151,7 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list |
     tasks.check_model_fits(task, cfg.model.name, get_model_entry(cfg.model.name).task)
     distill.check(cfg, task)  # a teacher's checkpoint, or logits and a recipe that keeps their pairing
     pruning.check(cfg.train.prune, task=task, init_from=cfg.model.init_from)
+    sharding.check(cfg, task)
     tasks.check_extras(task)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
         "checkpoint_metric": tasks.checkpoint_metric(task, cfg.train.checkpoint_metric)})})
@@ -294,9 +295,12 @@ def _ingest_options(deterministic: bool):
 
 
 # What a resumed run must share with the run it continues: the task (from data.name), the model,
-# the classes and the data (the split, the input size).
+# the classes and the data (the split, the input size), and the checkpoints' layout (a sharded FSDP
+# checkpoint or DDP's model.pt). A key added after a run was made has its default there.
 RESUME_KEYS = (("data", "name"), ("data", "root"), ("data", "num_samples"), ("data", "seed"), ("data", "val_fraction"),
-               ("data", "input_size"), ("data", "classes"), ("model", "name"), ("model", "kwargs"))
+               ("data", "input_size"), ("data", "classes"), ("model", "name"), ("model", "kwargs"),
+               ("scaling", "strategy"))
+_ADDED_LATER = {("scaling", "strategy"): "ddp"}
 
 
 def _check_resume(cfg: TrainConfig, run_dir: str, echo: Callable[[str], None]) -> int:
@@ -320,7 +324,7 @@ def _check_resume(cfg: TrainConfig, run_dir: str, echo: Callable[[str], None]) -
         old = {}
     new = redact_tree(cfg.model_dump(mode="json"))  # config.yaml holds the redacted form
     for section, key in RESUME_KEYS:
-        was, now = (old.get(section) or {}).get(key), new[section][key]
+        was, now = (old.get(section) or {}).get(key, _ADDED_LATER.get((section, key))), new[section][key]
         if was != now:
             raise UserError(f"run {cfg.run.name} exists with {section}.{key}={was!r} (now {now!r}) and cannot be "
                             f"resumed with another {section}; choose a new run.name, or pass run.resume=never to "

@@ -21,13 +21,32 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def in_lockstep(batches, device: torch.device):
+    """Sharded models (FSDP) gather their weights from every rank in each forward, so all ranks
+    must forward as often; the validation shards are unequal (each sample counted once). A rank
+    whose shard has run out yields None (a stand-in forward) until every rank is done."""
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        more = torch.tensor([int(batch is not None)], device=device)
+        dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not more.item():
+            return
+        yield batch
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, shard, preset: ClassificationEvalPreset, loss_fn, batch_size: int,
-             device: torch.device, precision: "Precision | None" = None) -> dict[str, float]:
-    """Loss, top-1 and top-5 over this rank's shard, summed over all ranks: each sample once."""
+             device: torch.device, precision: "Precision | None" = None, lockstep: bool = False) -> dict[str, float]:
+    """Loss, top-1 and top-5 over this rank's shard, summed over all ranks: each sample once.
+    `lockstep`: every rank forwards as often (`in_lockstep`)."""
     model.eval()
     loss_sum = c1 = c5 = n = 0.0
-    for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=AugmentCollate(None)):
+    batches = shard.iter_torch_batches(batch_size=batch_size, collate_fn=AugmentCollate(None))
+    for batch in in_lockstep(batches, device) if lockstep else batches:
+        if batch is None:  # this rank is done: a forward the others' gathers wait for, not counted
+            model(torch.zeros((1, *preset.shape), device=device))
+            continue
         x, y = preset.normalize(batch["image"].to(device)), batch["label"].to(device)
         with precision.autocast() if precision else contextlib.nullcontext():
             out = model(precision.input(x) if precision else x).float()

@@ -21,7 +21,12 @@ from raycv.training.precision import Precision
 
 
 def no_sync(model: nn.Module, skip: bool):
-    """DDP all-reduces gradients on every backward; between accumulation steps it need not."""
+    """DDP all-reduces (FSDP reduce-scatters) gradients on every backward; between accumulation
+    steps they need not."""
+    if skip and hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        from raycv.training.sharding import gradient_sync
+
+        return gradient_sync(model, False)
     return model.no_sync() if skip and hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
@@ -73,7 +78,8 @@ class Stepper:
         norm = None
         if self.clip:
             self.precision.scaler.unscale_(self.optimizer)
-            norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip))
+            total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)  # FSDP: over every shard
         self.precision.scaler.step(self.optimizer)
         self.precision.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

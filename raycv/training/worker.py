@@ -23,7 +23,7 @@ from raycv.data.presets import (ClassificationEvalPreset, ClassificationTrainPre
                                 DetectionTrainPreset, SegmentationEvalPreset, SegmentationTrainPreset)
 from raycv.models import get_model
 from raycv.training import checkpoint as ckpt
-from raycv.training import pruning
+from raycv.training import pruning, sharding
 from raycv.training.batches import AugmentCollate, BoxCollate, PairCollate, ShardCache, box_targets
 from raycv.training.evaluation import all_reduce_sum, evaluate, evaluate_detection, evaluate_segmentation
 from raycv.training.optim import build_optimizer, build_scheduler
@@ -41,6 +41,19 @@ def _worker_nodes(rank: int, world: int) -> list[str]:
     nodes: list[Any] = [None] * world
     dist.all_gather_object(nodes, mine)
     return [str(n) for n in nodes]
+
+
+def _write_sharded(model, optimizer, info: ckpt.CheckpointInfo, state: dict, rank: int, world: int):
+    """A sharded checkpoint folder of this rank (Ray Train merges the ranks' folders into one)."""
+    d = ckpt.new_checkpoint_dir()
+    state = {**state, **sharding.save(d, model, optimizer)}  # + the optimizer's param_groups
+    if rank == 0:
+        torch.save(state, d / ckpt.STATE_FILE)
+    digests = sharding.world_files(d)  # every rank's files, gathered
+    if rank == 0:
+        info.sharded = {"format": sharding.FORMAT, "world_size": world, "strategy": "fsdp"}
+        ckpt.write_meta(d, info, digests)
+    return d
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -74,7 +87,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     device = ray.train.torch.get_device()
-    precision = Precision(tc.amp, tc.channels_last, device)
+    fsdp = cfg.scaling.strategy == "fsdp"  # bf16 through FSDP's own policy, not autocast
+    precision = Precision("none" if fsdp else tc.amp, tc.channels_last, device)
 
     model = get_model(cfg.model.name, num_classes=len(classes), weights=cfg.model.weights, **cfg.model.kwargs)
     if cfg.model.init_from:
@@ -87,7 +101,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model = pruning.shaped_like(model, ckpt.load_state_dict(d))
     if tc.sync_batchnorm and world > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if tc.activation_checkpointing:
+        sharding.checkpoint_activations(model)
     model = precision.layout(model)
+    if fsdp:  # sharded before the optimizer is built: it holds each rank's shards only
+        model = sharding.shard(model.to(device), amp=tc.amp)
     optimizer = build_optimizer(model, cfg.optim)
     rows_per_rank = config["num_train"] // world  # streaming_split(equal=True) gives each rank this many
     batches_per_epoch = max(1, math.ceil(rows_per_rank / cfg.data.batch_size))
@@ -100,12 +118,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True).to(device)
 
     start_epoch, best, stale = 1, None, 0
-    if resumed is not None:
+    if resumed is not None and fsdp:
+        with resumed.as_directory() as d:
+            ckpt.verify_all(d)  # every rank's shard is the one raycv.json records
+            state = ckpt.load_train_state(d)
+            sharding.load(d, model, optimizer, state["param_groups"])  # resharded to this world size
+    elif resumed is not None:
         with resumed.as_directory() as d:
             state = ckpt.load_train_state(d)
             # With EMA, model.pt holds the averaged weights; the raw ones are in the train state.
             model.load_state_dict(state["model"] if "model" in state else ckpt.load_state_dict(d))
         optimizer.load_state_dict(state["optimizer"])
+    if resumed is not None:
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"])
@@ -121,7 +145,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     log = RunLogger(run_dir, start_epoch, steps_done=(start_epoch - 1) * steps_per_epoch,
                     every_steps=tc.log_every_steps, tensorboard=tc.tensorboard, mlflow=mlflow) if rank == 0 else None
 
-    model = ray.train.torch.prepare_model(model)
+    if not fsdp:
+        model = ray.train.torch.prepare_model(model)
     raw = ckpt.unwrap(model)
     stepper = build_stepper(model, optimizer, scheduler, cfg=tc, task=task, num_classes=len(classes),
                             precision=precision, batches_per_epoch=batches_per_epoch, ema=ema, ema_source=raw,
@@ -213,7 +238,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         elif detection:
             metrics.update(evaluate_detection(evaluated, val_shard, eval_preset, cfg.data.batch_size, device, precision))
         else:
-            metrics.update(evaluate(evaluated, val_shard, eval_preset, loss_fn, cfg.data.batch_size, device, precision))
+            metrics.update(evaluate(evaluated, val_shard, eval_preset, loss_fn, cfg.data.batch_size, device, precision,
+                                    lockstep=fsdp))
+        if fsdp:  # the share of the parameters this rank holds
+            local, full = sharding.local_numel(model)
+            metrics["param_shard_fraction"] = local / full
         metrics["val_seconds"] = time.perf_counter() - t1
 
         value = metrics[tc.checkpoint_metric]
@@ -223,18 +252,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             stale += 1
         stop = tc.early_stop_patience is not None and stale >= tc.early_stop_patience and epoch < tc.epochs
         checkpoint = None
-        if rank == 0:
-            info = ckpt.CheckpointInfo(task=task, model_name=cfg.model.name, model_kwargs=cfg.model.kwargs,
-                                       classes=classes, preprocess=eval_preset, epoch=epoch, metrics=metrics,
-                                       config=recorded_cfg, pruning=pruned(evaluated))
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
-                     "best": best, "stale": stale}
+        info = ckpt.CheckpointInfo(task=task, model_name=cfg.model.name, model_kwargs=cfg.model.kwargs,
+                                   classes=classes, preprocess=eval_preset, epoch=epoch, metrics=metrics,
+                                   config=recorded_cfg, pruning=pruned(evaluated) if rank == 0 else None)
+        state = {"scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "stale": stale}
+        if fsdp:  # every rank writes its shard; rank 0 the rest, recording every rank's files
+            checkpoint = Checkpoint.from_directory(str(_write_sharded(model, optimizer, info, state, rank, world)))
+        elif rank == 0:
+            state["optimizer"] = optimizer.state_dict()
             if precision.scaler.is_enabled():
                 state["scaler"] = precision.scaler.state_dict()
             if ema is not None:
                 state["ema"] = ema.state_dict()
                 state["model"] = raw.state_dict()
             checkpoint = Checkpoint.from_directory(str(ckpt.write_checkpoint(ckpt.new_checkpoint_dir(), evaluated, info, state)))
+        if rank == 0:
             log.epoch({**metrics, "worker_nodes": nodes, "time": time.time(), "started_at_epoch": start_epoch,
                        **({"early_stopped": True} if stop else {})})
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
