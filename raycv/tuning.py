@@ -189,13 +189,15 @@ def tune_search(cfg: TuneConfig, echo: Callable[[str], None] = print) -> TuneSum
     else:
         scheduler = None
         if cfg.tune.scheduler == "asha":
-            from ray.tune.schedulers import ASHAScheduler
+            from raycv.tuning_asha import ResumableASHA  # Tune restores a search without its rungs
 
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
+            scheduler = ResumableASHA(fsio.join(run_dir, "asha_rungs.json"),
+                                      time_attr="training_iteration", max_t=cfg.train.epochs,
                                       grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
                                       reduction_factor=cfg.tune.reduction_factor,
                                       stop_last_trials=False)  # a trial that reaches max_t ends on its own,
             # after raycv has written its summary: stopping it there would kill it mid-write
+            scheduler.start_fresh()
         if cfg.tune.search == "optuna":
             from ray.tune.search.optuna import OptunaSearch
 

@@ -91,7 +91,19 @@ def test_a_search_stops_trials_early_writes_its_results_and_continues_by_name(tm
     assert (finished / "metrics.jsonl").stat().st_mtime_ns == stamp
     table = pq.read_table(run / "tune_results.parquet").to_pylist()
     assert len(table) == 4 and all(r["status"] == "done" for r in table), table
-    assert sum(r["stopped_early"] for r in table) >= 1 and all(r["epochs"] in (1, 2) for r in table)
+    assert all(r["epochs"] in (1, 2) for r in table)
+    # the search continued with ASHA's rungs as the first run left them: the next trial (the slow
+    # learner, lr 1.5e-5) is judged against the finished one and stopped at its first rung (a
+    # scheduler restored with empty rungs lets the first trial after a restart run on, whatever it scores)
+    rungs = json.loads((run / "asha_rungs.json").read_text())
+    assert {(r["trial_id"], r["milestone"]) for r in rungs} >= {(finished.name, 1), (finished.name, 2)}
+
+    def epoch_one(trial_id: str) -> float:
+        return json.loads((run / "trials" / trial_id / "metrics.jsonl").read_text().splitlines()[0])["val_accuracy"]
+
+    following = min((r for r in table if r["trial_id"] != finished.name), key=lambda r: r["trial_id"])
+    assert following["param.optim.lr"] < 2e-5 and epoch_one(following["trial_id"]) < epoch_one(finished.name)
+    assert following["stopped_early"] and following["epochs"] == 1, table
     assert all(r["epochs"] == 2 for r in table if not r["stopped_early"])
     best = max(table, key=lambda r: r["best_val_accuracy"])
     assert f"best: trial {best['trial_id']}, val_accuracy {best['best_val_accuracy']:.4f}" in second.stdout
