@@ -96,3 +96,97 @@ def test_an_fsdp_run_shards_resumes_on_one_worker_and_infers(ray_session, tmp_pa
     (c2 / "__1_0.distcp").write_bytes(b"x")
     with pytest.raises(UserError, match=r"torn: __1_0.distcp"):
         ckpt.load_model(c2)
+    # and by the workers resuming from it (each rank hashes its share of the files; all stop)
+    shard = run / "checkpoint_epoch_0003" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"x")
+    with pytest.raises(UserError, match=r"torn: __0_0.distcp is not the file its raycv.json records \(its SHA-256"):
+        raycv.train(overrides={**base, "train.epochs": 4, "scaling.num_workers": 2})
+
+
+@pytest.mark.slow
+def test_a_sigkilled_fsdp_run_resumes_from_its_shards_and_infers_through_ray(ray_session, tmp_path, capsys):
+    """A training worker SIGKILLed once the epoch-1 sharded checkpoint is registered: the restart
+    reshards it back onto 2 workers and logs every epoch once. The last checkpoint's predictions
+    through `raycv infer` (Ray Data, consolidated in each actor) are a direct load's, and
+    `raycv consolidate` writes the same weights as one model.pt."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import numpy as np
+    from conftest import ray_processes
+    from helpers.runs import registered_epochs
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from raycv.cli import main
+    from raycv.config import load_config
+    from raycv.inference.output import read_output
+    from raycv.training import checkpoint as ckpt
+    from raycv.training.driver import fit
+
+    overrides = {**VIT, "data.name": "digits", "scaling.strategy": "fsdp", "run.storage_path": str(tmp_path),
+                 "run.name": "killed", "train.epochs": 3, "scaling.num_workers": 2, "train.max_failures": 1}
+    cfg = load_config("train", None, [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in overrides.items()])
+    run = tmp_path / "killed"
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(summary=fit(cfg, echo=lambda line: None)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 240
+    while 1 not in registered_epochs(run):
+        assert time.monotonic() < deadline and thread.is_alive(), "training did not checkpoint epoch 1"
+        time.sleep(0.2)
+    victims = ray_processes("RayTrainWorker")
+    assert len(victims) == 2
+    last = max(registered_epochs(run))
+    os.kill(victims[0].pid, signal.SIGKILL)
+    assert last < 3, "the run finished before the kill"
+    thread.join(timeout=300)
+    assert not thread.is_alive() and "summary" in result, "the run did not finish after the restart"
+    log = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in log] == [1, 2, 3]  # each epoch once
+    assert [m["started_at_epoch"] for m in log] == [1] * last + [last + 1] * (3 - last)  # resumed, not restarted
+    assert all(0.4 < m["param_shard_fraction"] < 0.7 for m in log)
+    c3 = run / "checkpoint_epoch_0003"
+    assert json.loads((c3 / "raycv.json").read_text())["sharded"]["world_size"] == 2
+
+    # raycv infer over PNG files: the predictions of the model loaded here by hand
+    digits = load_digits()
+    folder = tmp_path / "pngs"
+    for i in range(24):
+        d = folder / str(digits.target[i])
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((digits.images[i] / 16 * 255).astype(np.uint8)).save(d / f"{i:02d}.png")
+    assert main(["infer", "--checkpoint", str(c3), "--input", str(folder), "--output", str(tmp_path / "preds"),
+                 "infer.batch_size=8"]) == 0
+    table = sorted(read_output(str(tmp_path / "preds")).to_pylist(), key=lambda r: r["path"])
+    assert len(table) == 24 and all(r["error"] is None for r in table)
+    model, info = ckpt.load_model(c3)
+    pre = info.preprocess
+    x = torch.stack([pre.geometry(Image.open(r["path"]).convert("RGB")) for r in table])
+    with torch.no_grad():
+        probs = torch.softmax(model(pre.normalize(x)), 1)
+    assert [r["label_index"] for r in table] == probs.argmax(1).tolist()
+    assert [r["score"] for r in table] == pytest.approx(probs.max(1).values.tolist(), abs=1e-5)
+
+    # the whole validation split through raycv infer scores what the sharded model scored in training
+    import raycv
+
+    raycv.infer(c3, "registry:digits:val", tmp_path / "val")
+    assert raycv.evaluate(tmp_path / "val")["top1"] == pytest.approx(log[2]["val_accuracy"], abs=1e-12)
+
+    # consolidated: one model.pt holding exactly the weights the shards hold
+    capsys.readouterr()
+    assert main(["consolidate", "--checkpoint", str(c3), "--output", str(tmp_path / "plain")]) == 0
+    assert "consolidated vit_b_16 (epoch 3, 2 shards)" in capsys.readouterr().out
+    plain = tmp_path / "plain"
+    meta = json.loads((plain / "raycv.json").read_text())
+    assert "sharded" not in meta and sorted(meta["files"]) == ["model.pt"]
+    again, _ = ckpt.load_model(plain)
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert main(["consolidate", "--checkpoint", str(plain), "--output", str(tmp_path / "twice")]) == 2
+    assert "is not a sharded checkpoint" in capsys.readouterr().err
+    assert main(["consolidate", "--checkpoint", str(c3), "--output", str(plain)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err

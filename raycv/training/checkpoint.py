@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -187,11 +187,12 @@ def verify(directory: str | os.PathLike, name: str) -> None:
                     f"was it written or copied by a run that crashed? use another checkpoint")
 
 
-def verify_all(directory: str | os.PathLike) -> None:
-    """Every file `raycv.json` records (a sharded checkpoint: every rank's) is the one it records."""
+def verify_all(directory: str | os.PathLike, part: tuple[int, int] = (0, 1)) -> None:
+    """Every file `raycv.json` records (a sharded checkpoint: every rank's) is the one it records;
+    part=(i, n): the i-th of n slices of them (n ranks share the hashing)."""
     d = Path(directory)
     if (d / META_FILE).is_file():
-        for name in _read_meta(d / META_FILE).files:
+        for name in sorted(_read_meta(d / META_FILE).files)[part[0]::part[1]]:
             verify(d, name)
 
 
@@ -257,28 +258,45 @@ def _read_meta(path: Path) -> Meta:
         raise UserError(f"not a raycv checkpoint: {path} is unreadable ({str(e).splitlines()[0]})") from None
 
 
-def load_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The model's full state_dict; a sharded checkpoint's consolidated in this process."""
+def load_state_dict(directory: str | os.PathLike, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The model's full state_dict; a sharded checkpoint's consolidated in this process (into the
+    names and shapes of `model`, or of the model its raycv.json describes)."""
     d = Path(directory)
     if (d / META_FILE).is_file() and not (d / MODEL_FILE).is_file():
         info = read_info(d)
         if info.sharded:
-            return _consolidated(d, info)
+            from raycv.training import sharding
+
+            verify_all(d)
+            return sharding.consolidated_state_dict(d, model if model is not None else _build(info, d))
     verify(directory, MODEL_FILE)
     return _tensors_only(Path(directory) / MODEL_FILE)
 
 
-def _consolidated(d: Path, info: CheckpointInfo) -> dict[str, torch.Tensor]:
+def _build(info: CheckpointInfo, directory) -> nn.Module:
+    """The registered model `raycv.json` names, freshly initialized."""
     from raycv.models import get_model
-    from raycv.training import sharding
 
-    verify_all(d)
     try:
-        model = get_model(info.model_name, num_classes=len(info.classes), **info.model_kwargs)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"checkpoint {d}: cannot build {info.model_name!r} from its {META_FILE}: "
+        return get_model(info.model_name, num_classes=len(info.classes), **info.model_kwargs)
+    except (TypeError, ValueError) as e:  # kwargs the constructor refuses
+        raise UserError(f"checkpoint {directory}: cannot build {info.model_name!r} from its {META_FILE}: "
                         f"{str(e).splitlines()[0]}") from None
-    return sharding.consolidated_state_dict(d, model)
+
+
+def consolidate(checkpoint: str, output: str | os.PathLike) -> tuple[Path, CheckpointInfo]:
+    """`raycv consolidate`: a sharded checkpoint's shards gathered into a plain checkpoint (model.pt
+    and raycv.json; the optimizer's shards stay behind: resume from the sharded one)."""
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--output {out} exists and is not empty; give a new folder")
+    directory = local_dir(resolve_checkpoint(str(checkpoint)))
+    info = read_info(directory)
+    if not info.sharded:
+        raise UserError(f"{directory} is not a sharded checkpoint: its {MODEL_FILE} already holds the whole model")
+    model, _ = load_model(directory)
+    write_checkpoint(out, model, replace(info, sharded=None))
+    return out, info
 
 
 def load_train_state(directory: str | os.PathLike) -> dict[str, Any] | None:
@@ -347,15 +365,9 @@ def init_from_checkpoint(model: nn.Module, path: str, task: str = "classificatio
 
 def load_model(directory: str | os.PathLike) -> tuple[nn.Module, CheckpointInfo]:
     """Rebuild the model from `raycv.json` and load `model.pt` into it (weights only)."""
-    from raycv.models import get_model
-
     info = read_info(directory)
-    try:
-        model = get_model(info.model_name, num_classes=len(info.classes), **info.model_kwargs)
-    except (TypeError, ValueError) as e:  # kwargs the constructor refuses
-        raise UserError(f"checkpoint {directory}: cannot build {info.model_name!r} from its {META_FILE}: "
-                        f"{str(e).splitlines()[0]}") from None
-    state = load_state_dict(local_dir(directory))
+    model = _build(info, directory)
+    state = load_state_dict(local_dir(directory), model)
     if info.pruning and info.pruning.get("structured"):  # narrower layers than the registered model's
         from raycv.training.pruning import shaped_like
 

@@ -161,6 +161,28 @@ def load(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, pa
                    optim_state_dict={"state": tensors["optim"], "param_groups": param_groups})
 
 
+def verify_together(directory: Path) -> None:
+    """Resuming: each rank hashes its slice of the checkpoint's recorded files, and every rank
+    raises the first problem any rank found (a torn shard stops the run on all of them)."""
+    import torch.distributed as dist
+
+    from raycv.training import checkpoint as ckpt
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    problem = None
+    try:
+        ckpt.verify_all(directory, part=(rank, world))
+    except UserError as e:
+        problem = str(e)
+    every: list[Any] = [problem]
+    if world > 1:
+        every = [None] * world
+        dist.all_gather_object(every, problem)
+    first = next((p for p in every if p), None)
+    if first:
+        raise UserError(first)
+
+
 def consolidated_state_dict(directory: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     """The full state_dict of a sharded checkpoint, in this one process (no process group):
     `model` (built from raycv.json) gives the names and shapes to fill."""

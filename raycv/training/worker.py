@@ -120,7 +120,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start_epoch, best, stale = 1, None, 0
     if resumed is not None and fsdp:
         with resumed.as_directory() as d:
-            ckpt.verify_all(d)  # every rank's shard is the one raycv.json records
+            sharding.verify_together(d)  # every shard is the one raycv.json records (ranks share the hashing)
             state = ckpt.load_train_state(d)
             sharding.load(d, model, optimizer, state["param_groups"])  # resharded to this world size
     elif resumed is not None:
