@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark table in the README, in one command, with the README's sizes: training, where
 # its CPU goes and its start-up against a plain PyTorch script, decode-bound and compute-bound inference and where its CPU goes,
-# compression (int8, pruning, distillation), and the GPU
+# compression (int8, pruning, distillation), per-worker memory under DDP and FSDP, and the GPU
 # script when torch sees a CUDA GPU. Results go to bench/results/ (the files the README cites).
 #
 #   bash bench/run_all.sh            # the README's figures
@@ -20,6 +20,7 @@ if [ "${1:-}" = "--quick" ]; then
     python bench/scale_bench.py --rows 300 --folder 50 --work "$out/scale-work" --json "$out/scale.json"
     python bench/gpu_bench.py --smoke --json "$out/gpu.json"
     python bench/compress_bench.py --epochs 1 --json "$out/compress.json"
+    python bench/memory_bench.py --sizes "ViT-Ti/4 (32 px)" --steps 1 --json "$out/memory.json"
 else
     python bench/train_bench.py --epochs 4 --json "$out/train.json"
     python bench/train_cpu.py --epochs 6 --reps 3 --json "$out/train_cpu.json"
@@ -29,6 +30,7 @@ else
     python bench/infer_cpu.py --images 600 --size 224 --json "$out/infer_cpu.json"
     python bench/scale_bench.py --rows 20000,500000 --folder 100000 --json "$out/scale.json"
     python bench/compress_bench.py --epochs 6 --json "$out/compress.json"
+    python bench/memory_bench.py --steps 5 --json "$out/memory.json"
     if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
         python bench/gpu_bench.py --seconds 60 --images 5000 --json "$out/gpu.json"
     fi
