@@ -123,3 +123,32 @@ def test_training_streams_webdataset_shards_from_object_storage(s3, tmp_path):
     log = [json.loads(ln) for ln in (tmp_path / "wds-run" / "metrics.jsonl").read_text().splitlines()]
     assert "done: val top-1" in trained["stdout"] and len(log) == 1
     assert log[0]["val_count"] == counts["val"] and log[0]["train_images"] == counts["train"]
+
+
+@pytest.mark.slow
+def test_an_fsdp_run_writes_its_shards_to_object_storage_resumes_and_is_consolidated(s3, tmp_path):
+    """scaling.strategy=fsdp with run.storage_path on S3: each rank uploads its own shard into the
+    one checkpoint folder, rank 0 the metadata; the run resumes from there on 1 worker; the
+    checkpoint is consolidated and inferred with straight from S3."""
+    fs, env = s3
+    common = ["data.name=digits", "model.name=vit_b_16", "data.input_size=32", "scaling.strategy=fsdp",
+              "model.kwargs={image_size: 32, patch_size: 8, num_layers: 2, num_heads: 2, hidden_dim: 32, mlp_dim: 64}",
+              "optim.lr=0.003", "run.storage_path=s3://raycv/runs", "run.name=fsdp"]
+    c1 = "s3://raycv/runs/fsdp/checkpoint_epoch_0001"
+    _, _, consolidated, _ = _cli_session(
+        env, tmp_path, ["train", *common, "train.epochs=1", "scaling.num_workers=2"],
+        ["train", *common, "train.epochs=2", "scaling.num_workers=1"],
+        ["consolidate", "--checkpoint", c1, "--output", str(tmp_path / "plain")],
+        ["infer", "--checkpoint", c1, "--input", "registry:digits:val", "--output", "s3://raycv/preds"])
+    meta = json.loads(_read(fs, "raycv/runs/fsdp/checkpoint_epoch_0001/raycv.json"))
+    assert meta["sharded"]["world_size"] == 2
+    assert sorted(meta["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp", "train_state.pt"]
+    for name, recorded in meta["files"].items():  # every rank's file arrived whole
+        assert fs.get_file_info(f"raycv/runs/fsdp/checkpoint_epoch_0001/{name}").size == recorded["bytes"], name
+    log = [json.loads(ln) for ln in _read(fs, "raycv/runs/fsdp/metrics.jsonl").splitlines()]
+    assert [m["epoch"] for m in log] == [1, 2] and [m["started_at_epoch"] for m in log] == [1, 2]
+    assert "consolidated vit_b_16 (epoch 1, 2 shards)" in consolidated["stdout"]
+    assert (tmp_path / "plain" / "model.pt").is_file()
+    rows = pq.read_table("raycv/preds", filesystem=fs).to_pylist()
+    top1 = sum(r["label"] == r["path"].rsplit("/", 2)[-2] for r in rows) / len(rows)
+    assert len(rows) == 359 and top1 == pytest.approx(log[0]["val_accuracy"], abs=1e-12)
