@@ -56,59 +56,15 @@ def test_a_vit_block_is_checkpointed_and_keeps_its_gradients():
 
 
 @pytest.mark.slow
-def test_an_fsdp_run_shards_resumes_on_one_worker_and_infers(ray_session, tmp_path):
-    import raycv
-    from raycv.training import checkpoint as ckpt
-
-    base = {**VIT, "data.name": "digits", "scaling.strategy": "fsdp", "run.storage_path": str(tmp_path),
-            "run.name": "vit"}
-    raycv.train(overrides={**base, "train.epochs": 2, "scaling.num_workers": 2, "train.grad_clip_norm": 1.0,
-                           "train.grad_accum_steps": 2, "train.log_every_steps": 1})
-    run = tmp_path / "vit"
-    c2 = run / "checkpoint_epoch_0002"
-    meta = json.loads((c2 / "raycv.json").read_text())
-    assert meta["sharded"] == {"format": "torch.distributed.checkpoint", "world_size": 2, "strategy": "fsdp"}
-    assert sorted(meta["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp", "train_state.pt"]
-    assert not (c2 / "model.pt").exists()
-    log = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    assert 0.4 < log[0]["param_shard_fraction"] < 0.7  # about half of the parameters on each rank
-    steps = [json.loads(ln) for ln in (run / "steps.jsonl").read_text().splitlines()]
-    assert steps and all(s["grad_norm"] > 0 for s in steps)  # the total norm over both ranks' shards
-
-    # resumed on one worker: the 2-rank shards resharded, epoch 3 only
-    raycv.train(overrides={**base, "train.epochs": 3, "scaling.num_workers": 1})
-    log = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in log] == [1, 2, 3] and log[2]["started_at_epoch"] == 3
-    assert log[2]["param_shard_fraction"] == 1.0
-
-    # consolidated on load: a plain model whose predictions raycv infer reproduces
-    model, info = ckpt.load_model(c2)
-    assert info.sharded["world_size"] == 2
-    assert sum(p.numel() for p in model.parameters()) == 24234
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = [(d / 16 * 255).astype("uint8")[:, :, None].repeat(3, 2) for d in digits.images[:8]]
-    rows = raycv.load(c2)(images)
-    assert len(rows) == 8 and not any(r.get("error") for r in rows), rows[:2]
-
-    # a shard that is not the one raycv.json records is refused by name
-    (c2 / "__1_0.distcp").write_bytes(b"x")
-    with pytest.raises(UserError, match=r"torn: __1_0.distcp"):
-        ckpt.load_model(c2)
-    # and by the workers resuming from it (each rank hashes its share of the files; all stop)
-    shard = run / "checkpoint_epoch_0003" / "__0_0.distcp"
-    shard.write_bytes(shard.read_bytes()[:-1] + b"x")
-    with pytest.raises(UserError, match=r"torn: __0_0.distcp is not the file its raycv.json records \(its SHA-256"):
-        raycv.train(overrides={**base, "train.epochs": 4, "scaling.num_workers": 2})
-
-
-@pytest.mark.slow
-def test_a_sigkilled_fsdp_run_resumes_from_its_shards_and_infers_through_ray(ray_session, tmp_path, capsys):
-    """A training worker SIGKILLed once the epoch-1 sharded checkpoint is registered: the restart
-    reshards it back onto 2 workers and logs every epoch once. The last checkpoint's predictions
-    through `raycv infer` (Ray Data, consolidated in each actor) are a direct load's, and
-    `raycv consolidate` writes the same weights as one model.pt."""
+def test_an_fsdp_run_survives_a_sigkill_resumes_on_one_worker_and_infers(ray_session, tmp_path, capsys):
+    """One FSDP run over 2 workers (clipping, accumulation):
+    - a training worker SIGKILLed once the epoch-1 sharded checkpoint is registered: the restart
+      reshards it back onto 2 workers and logs every epoch once;
+    - the last checkpoint's predictions through `raycv infer` (Ray Data, consolidated in each actor)
+      are a direct load's, and its val top-1 the one measured in training; `raycv consolidate`
+      writes the same weights as one model.pt;
+    - the run continues on 1 worker (the 2-rank shards resharded); a shard that is not the one
+      raycv.json records is refused by name, on load and by the workers resuming."""
     import os
     import signal
     import threading
@@ -120,16 +76,19 @@ def test_a_sigkilled_fsdp_run_resumes_from_its_shards_and_infers_through_ray(ray
     from PIL import Image
     from sklearn.datasets import load_digits
 
+    import raycv
     from raycv.cli import main
     from raycv.config import load_config
     from raycv.inference.output import read_output
     from raycv.training import checkpoint as ckpt
     from raycv.training.driver import fit
 
-    overrides = {**VIT, "data.name": "digits", "scaling.strategy": "fsdp", "run.storage_path": str(tmp_path),
-                 "run.name": "killed", "train.epochs": 3, "scaling.num_workers": 2, "train.max_failures": 1}
+    base = {**VIT, "data.name": "digits", "scaling.strategy": "fsdp", "run.storage_path": str(tmp_path),
+            "run.name": "vit"}
+    overrides = {**base, "train.epochs": 3, "scaling.num_workers": 2, "train.max_failures": 1,
+                 "train.grad_clip_norm": 1.0, "train.grad_accum_steps": 2, "train.log_every_steps": 1}
     cfg = load_config("train", None, [f"{k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in overrides.items()])
-    run = tmp_path / "killed"
+    run = tmp_path / "vit"
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(summary=fit(cfg, echo=lambda line: None)), daemon=True)
     thread.start()
@@ -147,9 +106,14 @@ def test_a_sigkilled_fsdp_run_resumes_from_its_shards_and_infers_through_ray(ray
     log = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in log] == [1, 2, 3]  # each epoch once
     assert [m["started_at_epoch"] for m in log] == [1] * last + [last + 1] * (3 - last)  # resumed, not restarted
-    assert all(0.4 < m["param_shard_fraction"] < 0.7 for m in log)
+    assert all(0.4 < m["param_shard_fraction"] < 0.7 for m in log)  # about half of the parameters on each rank
+    steps = [json.loads(ln) for ln in (run / "steps.jsonl").read_text().splitlines()]
+    assert steps and all(s["grad_norm"] > 0 for s in steps)  # the total norm over both ranks' shards
     c3 = run / "checkpoint_epoch_0003"
-    assert json.loads((c3 / "raycv.json").read_text())["sharded"]["world_size"] == 2
+    meta = json.loads((c3 / "raycv.json").read_text())
+    assert meta["sharded"] == {"format": "torch.distributed.checkpoint", "world_size": 2, "strategy": "fsdp"}
+    assert sorted(meta["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp", "train_state.pt"]
+    assert not (c3 / "model.pt").exists()
 
     # raycv infer over PNG files: the predictions of the model loaded here by hand
     digits = load_digits()
@@ -163,18 +127,19 @@ def test_a_sigkilled_fsdp_run_resumes_from_its_shards_and_infers_through_ray(ray
     table = sorted(read_output(str(tmp_path / "preds")).to_pylist(), key=lambda r: r["path"])
     assert len(table) == 24 and all(r["error"] is None for r in table)
     model, info = ckpt.load_model(c3)
+    assert info.sharded["world_size"] == 2 and sum(p.numel() for p in model.parameters()) == 24234
     pre = info.preprocess
     x = torch.stack([pre.geometry(Image.open(r["path"]).convert("RGB")) for r in table])
     with torch.no_grad():
         probs = torch.softmax(model(pre.normalize(x)), 1)
     assert [r["label_index"] for r in table] == probs.argmax(1).tolist()
     assert [r["score"] for r in table] == pytest.approx(probs.max(1).values.tolist(), abs=1e-5)
-
     # the whole validation split through raycv infer scores what the sharded model scored in training
-    import raycv
-
     raycv.infer(c3, "registry:digits:val", tmp_path / "val")
     assert raycv.evaluate(tmp_path / "val")["top1"] == pytest.approx(log[2]["val_accuracy"], abs=1e-12)
+    images = [(d / 16 * 255).astype("uint8")[:, :, None].repeat(3, 2) for d in digits.images[:8]]
+    rows = raycv.load(c3)(images)
+    assert len(rows) == 8 and not any(r.get("error") for r in rows), rows[:2]
 
     # consolidated: one model.pt holding exactly the weights the shards hold
     capsys.readouterr()
@@ -190,3 +155,19 @@ def test_a_sigkilled_fsdp_run_resumes_from_its_shards_and_infers_through_ray(ray
     assert "is not a sharded checkpoint" in capsys.readouterr().err
     assert main(["consolidate", "--checkpoint", str(c3), "--output", str(plain)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+    # continued on one worker: the 2-rank shards resharded, epoch 4 only
+    raycv.train(overrides={**base, "train.epochs": 4, "scaling.num_workers": 1})
+    log = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4] and log[3]["started_at_epoch"] == 4
+    assert log[3]["param_shard_fraction"] == 1.0
+
+    # a shard that is not the one raycv.json records is refused by name
+    (c3 / "__1_0.distcp").write_bytes(b"x")
+    with pytest.raises(UserError, match=r"torn: __1_0.distcp"):
+        ckpt.load_model(c3)
+    # and by the workers resuming from it (each rank hashes its share of the files; all stop)
+    shard = run / "checkpoint_epoch_0004" / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"x")
+    with pytest.raises(UserError, match=r"torn: __0_0.distcp is not the file its raycv.json records \(its SHA-256"):
+        raycv.train(overrides={**base, "train.epochs": 5, "scaling.num_workers": 2})

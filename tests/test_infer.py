@@ -172,6 +172,7 @@ def _one_png(tmp_path) -> Path:
     return p
 
 
+@pytest.mark.slow  # 30 s of four runs: in the whole suite, out of the everyday tier
 def test_error_overwrite_and_resume_modes(ray_session, checkpoint, digit_folder, tmp_path):
     folder = tmp_path / "grow"
     pngs = sorted(digit_folder.rglob("*.png"))
