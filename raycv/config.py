@@ -208,6 +208,9 @@ class InferSection(_Section):
     image_column: str | None = "image"  # parquet inputs: encoded image bytes (null: a manifest, the path column holds URIs)
     # Inputs per shard, the unit of progress that survives a crash, and at most the rows of one part file.
     rows_per_file: int = Field(100_000, ge=1)
+    # Rows a write task gathers before it commits a part (at most rows_per_file): how much a crash can
+    # lose per write task in flight, against how many part files a shard is written as.
+    commit_rows: int = Field(10_000, ge=1)
     # Decode inside the predictor actors instead of in separate Ray Data tasks. Separate tasks win when
     # decoding is the bottleneck (they run beside the model); on a few CPUs with a compute-heavy model,
     # decoding in the actor avoids decode processes preempting torch's threads (see bench/).

@@ -58,20 +58,21 @@ def test_killed_predictor_actor_every_input_exactly_once(ray_session, many_image
 
 @pytest.mark.slow
 def test_killed_driver_then_resume_processes_only_the_uncommitted_inputs(many_images, tmp_path):
-    """SIGKILL `raycv infer` and its local Ray at about half of a run (shards of 100 inputs), then
-    re-run with infer.mode=resume: the parts committed before the kill are reused, the resumed run
+    """SIGKILL `raycv infer` and its local Ray at about half of a run (shards of 500 inputs, parts
+    committed every 100 rows), then re-run with infer.mode=resume: the parts committed before the
+    kill are reused (shards in flight included: their committed ids are read back), the resumed run
     predicts exactly the inputs they lack, and the output holds each input once, debris gone."""
     import psutil
 
     ckpt, images = many_images
     out = tmp_path / "out"
     args = [sys.executable, "-m", "raycv.cli", "infer", "--checkpoint", str(ckpt), "--input", str(images),
-            "--output", str(out), "infer.batch_size=16", "infer.rows_per_file=100"]
+            "--output", str(out), "infer.batch_size=16", "infer.rows_per_file=500", "infer.commit_rows=100"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH")}  # a user's shell
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     shards = out / "_shards"
     deadline = time.monotonic() + 180
-    while len(list(shards.glob("part-*.json"))) < 6:  # of 15 shards
+    while len(list(shards.glob("part-*.json"))) < 6:  # parts of about 100 rows, of 3 shards
         assert time.monotonic() < deadline and proc.poll() is None, "the first run never got going"
         time.sleep(0.05)
     family = [proc, *psutil.Process(proc.pid).children(recursive=True)]
@@ -85,6 +86,7 @@ def test_killed_driver_then_resume_processes_only_the_uncommitted_inputs(many_im
     sidecars = [json.loads(f.read_text()) for f in shards.glob("part-*.json")]
     committed = sum(side["rows"] for side in sidecars)
     assert 0 < committed < N_IMAGES and all((shards / side["name"]).exists() for side in sidecars)
+    assert max(side["rows"] for side in sidecars) < 500  # committed before a shard was whole
 
     r = subprocess.run([*args, "infer.mode=resume"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -99,7 +101,7 @@ def test_killed_driver_then_resume_processes_only_the_uncommitted_inputs(many_im
     assert len(paths) == len(set(paths)) == N_IMAGES and set(paths) == _all_inputs(images)
     assert not shards.exists() and not list(out.glob("_tmp-*"))
     assert sorted(manifest["files"]) == sorted(p.name for p in out.glob("*.parquet"))
-    assert len(manifest["shards"]) == 15 and all(e["rows"] == 100 for e in manifest["shards"].values())
+    assert len(manifest["shards"]) == 3 and all(e["rows"] == 500 for e in manifest["shards"].values())
     kept = {side["name"] for side in sidecars}
     assert kept <= set(manifest["files"])  # the committed parts were published as they were
 

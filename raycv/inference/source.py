@@ -116,7 +116,8 @@ def open_input(cfg: InferConfig, out: OutputLocation, prior: dict[str, list[dict
         expand_unit, batch_size=1, num_cpus=cpus,
         fn_kwargs={"out_uri": out.uri, "rows_per_shard": per_shard, "path_column": cfg.infer.path_column,
                    "image_column": cfg.infer.image_column if parquet else None, "counter": counter})
-    return InputPlan(in_blocks_of(ds, min(EMIT_ROWS, per_shard), num_cpus=cpus), [u["key"] for u in units], ids_unique=not parquet)
+    block_rows = min(EMIT_ROWS, per_shard, cfg.infer.commit_rows)  # a part can commit at commit_rows
+    return InputPlan(in_blocks_of(ds, block_rows, num_cpus=cpus), [u["key"] for u in units], ids_unique=not parquet)
 
 
 def _check_parquet_columns(spec: str, files: list[str], path_col: str, image_col: str | None) -> None:
