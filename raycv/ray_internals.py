@@ -13,17 +13,22 @@ import json
 from typing import Any, Callable
 
 
-def in_blocks_of(ds, rows: int, *, num_cpus: float):
+def in_blocks_of(ds, rows: int, *, num_cpus: float, tasks: int | None = None):
     """`ds` cut into blocks of at most `rows` rows by a streaming repartition that runs inside the
     tasks that make the rows. Ray Data joins a task's yields into blocks of up to 128 MiB, so a
     listing task's rows (paths) would travel as one block and be written, their parts committed,
     only at its end. The repartition's resources are set to the upstream map's (private: its logical
     operator) so that the two fuse; on its own Ray would give it a whole CPU, which the predictors
-    may hold, and it would wait forever on a small machine."""
+    may hold, and it would wait forever on a small machine. `tasks`: the upstream map's
+    TaskPoolStrategy size, which the two must share to fuse."""
+    import ray.data
+
     ds = ds.repartition(target_num_rows_per_block=rows)
     op = ds._logical_plan.dag
     if isinstance(getattr(op, "ray_remote_args", None), dict):
         object.__setattr__(op, "ray_remote_args", {"num_cpus": num_cpus})
+    if tasks is not None and hasattr(op, "compute"):
+        object.__setattr__(op, "compute", ray.data.TaskPoolStrategy(size=tasks))
     return ds
 
 

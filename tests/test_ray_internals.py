@@ -49,4 +49,8 @@ def test_in_blocks_of_fuses_into_the_upstream_map_and_cuts_blocks(ray_session):
     ds = in_blocks_of(ray.data.from_items([{"u": 0}]).map_batches(rows, batch_size=1, num_cpus=0.25), 256,
                       num_cpus=0.25)
     assert ds._logical_plan.dag.ray_remote_args == {"num_cpus": 0.25}
+    capped = in_blocks_of(ray.data.from_items([{"u": 0}]).map_batches(
+        rows, batch_size=1, num_cpus=0, compute=ray.data.TaskPoolStrategy(size=2)), 256, num_cpus=0, tasks=2)
+    assert capped._logical_plan.dag.compute.size == 2
+    assert "MapBatches(rows)->StreamingRepartition" in capped.materialize().stats()  # one fused operator
     assert [b.num_rows for b in (ray.get(r) for r in ds.to_arrow_refs())] == [256, 256, 256, 232]

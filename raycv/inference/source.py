@@ -111,13 +111,19 @@ def open_input(cfg: InferConfig, out: OutputLocation, prior: dict[str, list[dict
     for sid, parts in prior.items():
         by_unit.setdefault(sid.rsplit("-", 1)[0], {})[sid] = parts
     items = [{"unit": json.dumps(u), "prior": json.dumps(by_unit.get(u["key"], {}))} for u in units]
-    cpus = cfg.data.decode_cpus
+    # Unit tasks take no CPU and are few at a time. A unit task is a streaming generator that Ray
+    # pauses while its rows wait downstream; holding a CPU share, it held the slot the decode tasks
+    # that would drain it need, and the run stopped for good (2,000,000 rows on 2 CPUs, seen twice:
+    # the actors holding 1.5 CPUs, a paused unit task the last 0.5). Their memory is bounded by their
+    # number (a Parquet unit holds its row group).
+    cpus = 0
+    listing = max(2, int(ray.cluster_resources().get("CPU", 2)) // 4)
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        expand_unit, batch_size=1, num_cpus=cpus,
+        expand_unit, batch_size=1, num_cpus=cpus, compute=ray.data.TaskPoolStrategy(size=listing),
         fn_kwargs={"out_uri": out.uri, "rows_per_shard": per_shard, "path_column": cfg.infer.path_column,
                    "image_column": cfg.infer.image_column if parquet else None, "counter": counter})
     block_rows = min(EMIT_ROWS, per_shard, cfg.infer.commit_rows)  # a part can commit at commit_rows
-    return InputPlan(in_blocks_of(ds, block_rows, num_cpus=cpus), [u["key"] for u in units], ids_unique=not parquet)
+    return InputPlan(in_blocks_of(ds, block_rows, num_cpus=cpus, tasks=listing), [u["key"] for u in units], ids_unique=not parquet)
 
 
 def _check_parquet_columns(spec: str, files: list[str], path_col: str, image_col: str | None) -> None:
