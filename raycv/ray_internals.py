@@ -32,6 +32,18 @@ def in_blocks_of(ds, rows: int, *, num_cpus: float, tasks: int | None = None):
     return ds
 
 
+def asha_rungs(scheduler) -> list[list[tuple[float, dict]]]:
+    """An ASHAScheduler's rungs, per bracket: (milestone, {trial id: recorded metric}), the dicts
+    themselves (Tune neither saves nor exposes them: raycv/tuning_asha.py keeps them across restarts)."""
+    return [bracket._rungs for bracket in scheduler._brackets]
+
+
+def asha_bracket(scheduler, trial_id: str) -> int | None:
+    """The index of the bracket an ASHAScheduler put a trial in, or None once it let go of it."""
+    bracket = scheduler._trial_info.get(trial_id)
+    return None if bracket is None else scheduler._brackets.index(bracket)
+
+
 def cluster_config_max_resources() -> dict | None:
     """Node-type maxima of the cluster config that KubeRay / autoscaler v2 report, or None."""
     from ray._private import state

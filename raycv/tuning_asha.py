@@ -15,6 +15,7 @@ import json
 from ray.tune.schedulers import ASHAScheduler
 
 from raycv.data import io as fsio
+from raycv.ray_internals import asha_bracket, asha_rungs
 
 
 class ResumableASHA(ASHAScheduler):
@@ -42,16 +43,16 @@ class ResumableASHA(ASHAScheduler):
             self._written = json.loads(fsio.read_text(self._rungs_path) or "[]")
         except ValueError as e:
             raise ValueError(f"{self._rungs_path}: not raycv's ASHA record ({e})") from None
+        rungs = asha_rungs(self)
         for r in self._written:
-            for milestone, recorded in self._brackets[r["bracket"]]._rungs:
+            for milestone, recorded in rungs[r["bracket"]]:
                 if milestone == r["milestone"]:
                     recorded[r["trial_id"]] = r["reward"]
 
-    def _record(self, trial_id: str, bracket) -> None:
-        b = self._brackets.index(bracket)
+    def _record(self, trial_id: str, b: int) -> None:
         seen = {(r["bracket"], r["milestone"], r["trial_id"]) for r in self._written}
         new = [{"bracket": b, "milestone": m, "trial_id": trial_id, "reward": float(rec[trial_id])}
-               for m, rec in bracket._rungs if trial_id in rec and (b, m, trial_id) not in seen]
+               for m, rec in asha_rungs(self)[b] if trial_id in rec and (b, m, trial_id) not in seen]
         if new:
             self._written += new
             fsio.write_text(self._rungs_path, json.dumps(self._written, indent=0) + "\n")
@@ -62,7 +63,7 @@ class ResumableASHA(ASHAScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         self._load()
-        bracket = self._trial_info.get(trial.trial_id)
+        bracket = asha_bracket(self, trial.trial_id)
         action = super().on_trial_result(tune_controller, trial, result)
         if bracket is not None:
             self._record(trial.trial_id, bracket)
@@ -70,7 +71,7 @@ class ResumableASHA(ASHAScheduler):
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
         self._load()
-        bracket = self._trial_info.get(trial.trial_id)
+        bracket = asha_bracket(self, trial.trial_id)
         super().on_trial_complete(tune_controller, trial, result)
         if bracket is not None:
             self._record(trial.trial_id, bracket)

@@ -54,3 +54,16 @@ def test_in_blocks_of_fuses_into_the_upstream_map_and_cuts_blocks(ray_session):
     assert capped._logical_plan.dag.compute.size == 2
     assert "MapBatches(rows)->StreamingRepartition" in capped.materialize().stats()  # one fused operator
     assert [b.num_rows for b in (ray.get(r) for r in ds.to_arrow_refs())] == [256, 256, 256, 232]
+
+
+def test_asha_rungs_and_brackets():
+    from ray.tune.schedulers import ASHAScheduler
+
+    scheduler = ASHAScheduler(metric="m", mode="max", time_attr="training_iteration", max_t=4, grace_period=1,
+                              reduction_factor=2)
+    rungs = ray_internals.asha_rungs(scheduler)
+    assert [[m for m, _ in bracket] for bracket in rungs] == [[4, 2, 1]]
+    rungs[0][2][1]["t0"] = 0.5  # the scheduler's own dict: what raycv writes there, it judges by
+    assert scheduler._brackets[0].cutoff(scheduler._brackets[0]._rungs[2][1]) == 0.5
+    assert ray_internals.asha_bracket(scheduler, "unknown") is None
+
