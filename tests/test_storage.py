@@ -139,7 +139,7 @@ def test_an_fsdp_run_writes_its_shards_to_object_storage_resumes_and_is_consolid
         env, tmp_path, ["train", *common, "train.epochs=1", "scaling.num_workers=2"],
         ["train", *common, "train.epochs=2", "scaling.num_workers=1"],
         ["consolidate", "--checkpoint", c1, "--output", str(tmp_path / "plain")],
-        ["infer", "--checkpoint", c1, "--input", "registry:digits:val", "--output", "s3://raycv/preds"])
+        ["infer", "--checkpoint", c1, "--input", "registry:digits:val", "--output", "s3://raycv/fsdp-preds"])
     meta = json.loads(_read(fs, "raycv/runs/fsdp/checkpoint_epoch_0001/raycv.json"))
     assert meta["sharded"]["world_size"] == 2
     assert sorted(meta["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp", "train_state.pt"]
@@ -149,6 +149,6 @@ def test_an_fsdp_run_writes_its_shards_to_object_storage_resumes_and_is_consolid
     assert [m["epoch"] for m in log] == [1, 2] and [m["started_at_epoch"] for m in log] == [1, 2]
     assert "consolidated vit_b_16 (epoch 1, 2 shards)" in consolidated["stdout"]
     assert (tmp_path / "plain" / "model.pt").is_file()
-    rows = pq.read_table("raycv/preds", filesystem=fs).to_pylist()
+    rows = pq.read_table("raycv/fsdp-preds", filesystem=fs).to_pylist()
     top1 = sum(r["label"] == r["path"].rsplit("/", 2)[-2] for r in rows) / len(rows)
     assert len(rows) == 359 and top1 == pytest.approx(log[0]["val_accuracy"], abs=1e-12)

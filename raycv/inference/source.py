@@ -117,7 +117,7 @@ def open_input(cfg: InferConfig, out: OutputLocation, prior: dict[str, list[dict
     # the actors holding 1.5 CPUs, a paused unit task the last 0.5). Their memory is bounded by their
     # number (a Parquet unit holds its row group).
     cpus = 0
-    listing = min(len(items), max(2, int(ray.cluster_resources().get("CPU", 2)) // 4))  # Ray warns above the units
+    listing = max(1, min(len(items), max(2, int(ray.cluster_resources().get("CPU", 2)) // 4)))  # Ray warns above the units
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         expand_unit, batch_size=1, num_cpus=cpus, compute=ray.data.TaskPoolStrategy(size=listing),
         fn_kwargs={"out_uri": out.uri, "rows_per_shard": per_shard, "path_column": cfg.infer.path_column,
