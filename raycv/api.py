@@ -151,7 +151,7 @@ class Predictor:
         elif spec.task == "detection":
             kwargs.update(score_threshold=cfg.infer.score_threshold, max_detections=cfg.infer.max_detections)
         self._predictor = PREDICTORS[spec.task](**kwargs)
-        self._decode = {"geometry": spec.preprocess.geometry, "shape": spec.preprocess.shape, "errors": "row",
+        self._decode = {"geometry": spec.preprocess.pixels, "shape": spec.preprocess.shape, "errors": "row",
                         "keep": (), "with_size": spec.task != "classification"}
 
     @property

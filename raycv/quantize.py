@@ -117,7 +117,7 @@ def calibration_batches(info, specs: list[str] | None, images: int, *, seed: int
         batch = {"path": np.asarray([paths[i] for i in pick], dtype=object)}  # read from their paths
     else:
         batch = _training_rows(info, images)
-    decoded = decode_batch(batch, geometry=preset.geometry, shape=preset.shape, errors="row", keep=())
+    decoded = decode_batch(batch, geometry=preset.pixels, shape=preset.shape, errors="row", keep=())
     ok = np.array([not e for e in decoded["error"]], dtype=bool)
     if not ok.any():
         raise UserError("no calibration image could be decoded")

@@ -378,3 +378,53 @@ def test_a_hugging_face_datasetdict_trains_through_the_python_api(ray_session, t
     assert log[0]["val_count"] == len(dd["test"]) and log[0]["train_images"] == len(dd["train"])
     with pytest.raises(UserError, match="data= needs a 'train' split and one of validation, valid, val, test; it has train"):
         raycv.train(overrides={"run.storage_path": str(tmp_path)}, data={"train": dd["train"]})
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_decode_geometry_equals_torchvision_pixel_for_pixel(mode):
+    """The decode tasks' PIL-only geometry (raycv/data/geometry.py) against the torchvision v2
+    transforms it stands for, over odd, tall, wide, small-than-the-crop and already-sized images."""
+    import torch
+    from torchvision.transforms import v2
+
+    from raycv.data.geometry import Letterbox, ResizeCenterCrop, Square
+
+    rng = np.random.default_rng(0)
+    sizes = [(37, 53), (53, 37), (64, 64), (10, 7), (7, 10), (200, 31), (73, 73), (40, 56), (56, 40), (1, 5)]
+    for w, h in sizes:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+        for resize, crop in [(36, 32), (32, 32), (64, 56), (20, 24), (73, 73)]:
+            want = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop), v2.PILToTensor()])(img)
+            got = ResizeCenterCrop(resize, crop)(img)
+            assert got.dtype == np.uint8 and np.array_equal(got, want.numpy()), (mode, w, h, resize, crop)
+        for side in (32, 45):
+            square = v2.Resize((side, side), antialias=True)
+            nearest = v2.Resize((side, side), interpolation=v2.InterpolationMode.NEAREST)
+            if mode == "RGB":
+                assert np.array_equal(Square(side)(img), v2.functional.pil_to_tensor(square(img)).numpy())
+                h2, w2 = (side, max(1, min(side, round(w * side / h)))) if h >= w else (max(1, min(side, round(h * side / w))), side)
+                box = torch.nn.functional.pad(v2.functional.pil_to_tensor(img.resize((w2, h2), resample=2)),
+                                              (0, side - w2, 0, side - h2))
+                assert np.array_equal(Letterbox(side)(img), box.numpy()), (w, h, side)
+            else:  # a class mask
+                assert np.array_equal(Square(side, nearest=True)(img), v2.functional.pil_to_tensor(nearest(img))[0].numpy())
+
+
+def test_decode_tasks_import_neither_torch_nor_torchvision():
+    """What a decode task unpickles (decode_batch and a preset's `pixels`) pulls in no torch: every
+    decode worker would otherwise spend seconds of CPU importing it at start-up."""
+    import subprocess
+    import sys
+
+    from raycv.data.presets import ClassificationEvalPreset, DetectionEvalPreset, SegmentationEvalPreset
+
+    blobs = [pickle.dumps((decode_batch, p.pixels)) for p in
+             (PRESET, SegmentationEvalPreset(input_size=32), DetectionEvalPreset(input_size=32))]
+    code = ("import pickle, sys\n"
+            f"for b in {blobs!r}:\n"
+            "    fn, geometry = pickle.loads(b)\n"
+            "    from PIL import Image\n"
+            "    assert geometry(Image.new('RGB', (40, 30))).shape[0] == 3\n"
+            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torchvision.transforms import v2
 
+from raycv.data.geometry import Letterbox, ResizeCenterCrop, Square, letterbox_size  # noqa: F401  (letterbox_size: re-exported)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -39,8 +41,13 @@ class ClassificationEvalPreset:
     def shape(self) -> tuple[int, int, int]:
         return (3, self.input_size, self.input_size)
 
+    @property
+    def pixels(self) -> ResizeCenterCrop:
+        """`geometry` as a callable that imports neither torch nor torchvision: what decode tasks run."""
+        return ResizeCenterCrop(self.resize_size, self.input_size)
+
     def geometry(self, img) -> torch.Tensor:
-        return _eval_geometry(self.resize_size, self.input_size)(img)
+        return torch.from_numpy(self.pixels(img))
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         return normalize(batch, self.mean, self.std)
@@ -52,14 +59,6 @@ class ClassificationEvalPreset:
     def from_dict(cls, d: dict) -> "ClassificationEvalPreset":
         return cls(input_size=int(d["input_size"]), resize_size=int(d["resize_size"]),
                    mean=tuple(d["mean"]), std=tuple(d["std"]))
-
-
-def _eval_geometry(resize_size: int, crop_size: int) -> v2.Compose:
-    return v2.Compose([
-        v2.Resize(resize_size, antialias=True),
-        v2.CenterCrop(crop_size),
-        v2.PILToTensor(),
-    ])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,8 +76,12 @@ class ClassificationTrainPreset:
     def shape(self) -> tuple[int, int, int]:
         return (3, self.resize_size, self.resize_size)
 
+    @property
+    def pixels(self) -> ResizeCenterCrop:
+        return ResizeCenterCrop(self.resize_size, self.resize_size)
+
     def geometry(self, img) -> torch.Tensor:
-        return _eval_geometry(self.resize_size, self.resize_size)(img)
+        return torch.from_numpy(self.pixels(img))
 
     def augment_transform(self) -> v2.Compose:
         size, store = self.input_size, self.resize_size
@@ -143,12 +146,16 @@ class _PairGeometry:
     def shape(self) -> tuple[int, int, int]:
         return (3, self.stored_size, self.stored_size)
 
+    @property
+    def pixels(self) -> Square:
+        return Square(self.stored_size)
+
     def geometry(self, img) -> torch.Tensor:
-        return v2.functional.pil_to_tensor(_square(self.stored_size)(img))
+        return torch.from_numpy(self.pixels(img))
 
     def mask_geometry(self, mask) -> torch.Tensor:
         """A PIL class mask (mode P or L) -> (H, W) uint8 at the stored size."""
-        return v2.functional.pil_to_tensor(_square(self.stored_size, nearest=True)(mask))[0]
+        return torch.from_numpy(Square(self.stored_size, nearest=True)(mask))
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         return normalize(batch, self.mean, self.std)
@@ -227,12 +234,6 @@ class SegmentationTrainPreset(_PairGeometry):
 # ----------------------------------------------------------------------------------------------
 
 
-def letterbox_size(height: int, width: int, side: int) -> tuple[int, int]:
-    """(height, width) of an image letterboxed into a `side` square, before padding."""
-    s = side / max(height, width)
-    return max(1, min(side, round(height * s))), max(1, min(side, round(width * s)))
-
-
 class _Letterbox:
     stored_size: int
 
@@ -240,12 +241,13 @@ class _Letterbox:
     def shape(self) -> tuple[int, int, int]:
         return (3, self.stored_size, self.stored_size)
 
+    @property
+    def pixels(self) -> Letterbox:
+        return Letterbox(self.stored_size)
+
     def geometry(self, img) -> torch.Tensor:
         """PIL RGB -> (3, S, S) uint8: letterboxed into the stored square."""
-        side = self.stored_size
-        h, w = letterbox_size(img.height, img.width, side)
-        x = v2.functional.pil_to_tensor(img.resize((w, h), resample=2) if (h, w) != (img.height, img.width) else img)
-        return torch.nn.functional.pad(x, (0, side - w, 0, side - h)) if (h, w) != (side, side) else x
+        return torch.from_numpy(self.pixels(img))
 
     def box_scale(self, height: int, width: int) -> tuple[float, float]:
         """(x, y) factors from original pixels to the stored square's pixels."""

@@ -192,7 +192,7 @@ def run_inference(cfg: InferConfig) -> InferSummary:
         if inputs.ds is not None:
             progress = ProgressLine(counter, len(inputs.unit_keys), t_start=t0)
             preset = spec.preprocess
-            decode = {"geometry": preset.geometry, "shape": preset.shape, "errors": "row", "keep": ("shard",),
+            decode = {"geometry": preset.pixels, "shape": preset.shape, "errors": "row", "keep": ("shard",),
                       "with_size": spec.task != "classification"}
             if cfg.infer.decode_in_actor:
                 ds = inputs.ds

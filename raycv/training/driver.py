@@ -110,7 +110,7 @@ def decoded(ds: ray.data.Dataset, preset, *, num_cpus: float, cache: bool, rows:
     elif isinstance(preset, (DetectionTrainPreset, DetectionEvalPreset)):
         fn, kwargs = decode_boxes, {"preset": preset, "num_classes": num_classes}
     else:
-        fn, kwargs = decode_batch, {"geometry": preset.geometry, "shape": preset.shape, "with_path": False, "keep": keep}
+        fn, kwargs = decode_batch, {"geometry": preset.pixels, "shape": preset.shape, "with_path": False, "keep": keep}
     if cache and rows is not None and decoded_nbytes(preset, rows) <= DRIVER_DECODE_BYTES:
         from ray.data.block import BlockAccessor
 
