@@ -46,3 +46,19 @@ def test_relative_links_lead_somewhere(page):
 
 def test_the_readme_is_a_front_door():
     assert len((REPO / "README.md").read_text().splitlines()) <= 200
+
+
+def test_every_result_the_benchmarks_cite_is_committed():
+    """bench/results/ is ignored (other runs' outputs stay untracked), so a cited figure's file must
+    be added on purpose: a citation of a file that is not in the repository fails here."""
+    import subprocess
+
+    cited = set(re.findall(r"results/[\w.-]+\.(?:json|txt|png)", (REPO / "bench" / "README.md").read_text()))
+    assert cited
+    if (REPO / ".git").exists():
+        tracked = set(subprocess.run(["git", "ls-files", "bench/results"], cwd=REPO, capture_output=True, text=True,
+                                     check=True).stdout.split())
+        missing = {c for c in cited if f"bench/{c}" not in tracked}
+    else:
+        missing = {c for c in cited if not (REPO / "bench" / c).exists()}
+    assert not missing, f"bench/README.md cites files that are not committed: {sorted(missing)} (git add -f them)"
