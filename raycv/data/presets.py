@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torchvision.transforms import v2
 
-from raycv.data.geometry import Letterbox, ResizeCenterCrop, Square, letterbox_size  # noqa: F401  (letterbox_size: re-exported)
+from raycv.data.geometry import Letterbox, ResizeCenterCrop, Square, letterbox_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
