@@ -129,12 +129,6 @@ class ClassificationTrainPreset:
 IGNORE_INDEX = 255  # VOC's "void" label: pixels that count for neither loss nor metrics
 
 
-def _square(size: int, nearest: bool = False) -> v2.Resize:
-    # antialias only applies to bilinear tensors (PIL always antialiases; masks are always nearest)
-    return v2.Resize((size, size), interpolation=v2.InterpolationMode.NEAREST if nearest else
-                     v2.InterpolationMode.BILINEAR, antialias=True)
-
-
 class _PairGeometry:
     """Image (bilinear) and class mask (nearest) to squares of `stored_size`, and normalization."""
 
@@ -199,7 +193,7 @@ class SegmentationTrainPreset(_PairGeometry):
     def augment_transform(self) -> v2.Compose:
         size = self.input_size
         if self.augment == "none":
-            steps: list = [_square(size)]
+            steps: list = [v2.Resize((size, size), antialias=True)]  # bilinear; v2 moves a Mask with nearest
         elif self.augment == "light":
             steps = [v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True)]
         elif self.augment == "standard":  # after torchvision's references/segmentation presets
