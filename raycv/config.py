@@ -263,9 +263,12 @@ class TuneSection(_Section):
     mode: Literal["max", "min"] | None = None  # default: min for val_loss, else max
     num_samples: int = Field(4, ge=1, le=10_000)  # trials (with a grid: per grid point)
     max_concurrent_trials: int | None = Field(None, ge=1)  # default: as many as the cluster holds with scaling.cpus_per_worker, else 1
-    scheduler: Literal["none", "asha"] = "asha"  # asha: stop trials that fall behind at each rung of epochs
+    # asha: stop trials that fall behind at each rung of epochs; pbt: population based training, the
+    # trials behind continue from the weights of those ahead with their values perturbed
+    scheduler: Literal["none", "asha", "pbt"] = "asha"
     grace_period: int = Field(1, ge=1)  # asha: epochs every trial runs before it can be stopped
     reduction_factor: float = Field(2.0, gt=1.0)  # asha: keep the best 1/reduction_factor at each rung
+    perturbation_interval: int = Field(2, ge=1)  # pbt: epochs between two comparisons of the population
     search: Literal["random", "optuna"] = "random"  # optuna: pip install 'raycv[optuna]'
     seed: int | None = 0  # the search's seed: the same seed samples the same trials
 
@@ -316,10 +319,39 @@ class TuneConfig(TrainConfig):
                     TrainConfig.model_validate(_merge(base, nested))
                 except ValidationError as e:
                     raise ValueError(f"tune.space.{key}: {_format_error(e, TrainConfig)}") from None
+        if self.tune.scheduler == "pbt":
+            self._pbt_space()
         return self
+
+    def _pbt_space(self) -> None:
+        """PBT changes a trial's values mid-run and continues it from another trial's checkpoint:
+        only values a checkpoint does not depend on can change."""
+        if self.tune.search != "random":
+            raise ValueError("tune.scheduler=pbt samples its population at random: use tune.search=random")
+        if self.scaling.strategy != "ddp":
+            raise ValueError("tune.scheduler=pbt continues trials from DDP checkpoints: use scaling.strategy=ddp")
+        if self.tune.perturbation_interval >= self.train.epochs:
+            raise ValueError(f"tune.perturbation_interval={self.tune.perturbation_interval} is not below "
+                             f"train.epochs={self.train.epochs}: PBT would never compare the trials")
+        for key, dist in self.tune.space.items():
+            (name, args), = dist.items()
+            if key not in PBT_MUTABLE:
+                raise ValueError(f"tune.space.{key}: tune.scheduler=pbt changes values mid-run, from another trial's "
+                                 f"checkpoint, and {key} cannot change there (it can: {', '.join(PBT_MUTABLE)})")
+            if name == "grid":
+                raise ValueError(f"tune.space.{key}: tune.scheduler=pbt mutates what it samples; a grid is not sampled")
+            if key == "optim.weight_decay" and min(args if name == "choice" else args[:1]) <= 0:
+                raise ValueError("tune.space.optim.weight_decay: with tune.scheduler=pbt every value must be > 0 "
+                                 "(0 changes the optimizer's parameter groups mid-run)")
 
     def train_config(self) -> TrainConfig:
         return TrainConfig.model_validate(self.model_dump(mode="json", exclude={"tune"}))
+
+
+# What PBT may change in a running trial: the optimizer's values and the training recipe, never what
+# the weights or the optimizer's state are shaped by (the model, the data, the schedule's length).
+PBT_MUTABLE = ("optim.lr", "optim.momentum", "optim.weight_decay", "train.label_smoothing", "train.mixup_alpha",
+               "train.cutmix_alpha", "train.grad_clip_norm", "data.augment", "data.random_erasing", "data.hflip")
 
 
 CONFIG_KINDS: dict[str, type[_Section]] = {"train": TrainConfig, "infer": InferConfig, "tune": TuneConfig}

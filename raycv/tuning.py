@@ -45,9 +45,12 @@ class TuneSummary:
 
     def table(self) -> str:
         params = sorted({k for t in self.trials for k in t["params"]})
-        head = ["trial", *params, f"best {self.metric}", f"last {self.metric}", "epochs", "stopped early", "status"]
+        pbt = any(len(t["runs"]) > 1 for t in self.trials)  # PBT continued some from other trials' checkpoints
+        head = ["trial", *params, f"best {self.metric}", f"last {self.metric}", "epochs", "stopped early", "status",
+                *(["runs"] if pbt else [])]
         rows = [[t["trial_id"], *(_fmt(t["params"].get(p)) for p in params), _fmt(t["best"]), _fmt(t["last"]),
-                 str(t["epochs"]), "yes" if t["stopped_early"] else "", t["status"]] for t in self.trials]
+                 str(t["epochs"]), "yes" if t["stopped_early"] else "", t["status"], *([str(len(t["runs"]))] if pbt else [])]
+                for t in self.trials]
         widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
         return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head, *rows])
 
@@ -86,7 +89,9 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], *, storage: str, 
     return TrainConfig.model_validate(merged)
 
 
-def _trial_fn(base: dict[str, Any], storage: str) -> Callable[[dict[str, Any]], None]:
+def _trial_fn(base: dict[str, Any], storage: str, pbt_every: int | None = None) -> Callable[[dict[str, Any]], None]:
+    """Each trial a raycv run; with PBT (`pbt_every`: its perturbation interval) the run Tune's
+    checkpoint names, or a new one continuing another trial's checkpoint (raycv.tuning_pbt)."""
     def run_trial(params: dict[str, Any]) -> None:
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -94,8 +99,15 @@ def _trial_fn(base: dict[str, Any], storage: str) -> Callable[[dict[str, Any]], 
         from raycv.training.driver import fit
 
         trial_id = tune.get_context().get_trial_id()
-        cfg = trial_config(base, params, storage=storage, trial_id=trial_id)
-        summary = fit(cfg, callbacks=[TuneReportCallback()])
+        if pbt_every:
+            from raycv import tuning_pbt
+
+            name, continue_from = tuning_pbt.segment(trial_id, tune.get_checkpoint(), storage)
+            cfg = trial_config(base, params, storage=storage, trial_id=name)
+            summary = tuning_pbt.run(fit, cfg, continue_from, pbt_every, storage)
+        else:
+            cfg = trial_config(base, params, storage=storage, trial_id=trial_id)
+            summary = fit(cfg, callbacks=[TuneReportCallback()])
         if summary.resumed_from_epoch and summary.resumed_from_epoch >= summary.epochs:
             # The run had ended before this call (the search stopped between the run's end and
             # Tune's record of it) and trained nothing now: Tune still needs the trial's result.
@@ -132,9 +144,15 @@ def plan_trials(cfg: TuneConfig, total_cpus: float) -> tuple[int, float]:
         per_trial = s.num_workers * s.cpus_per_worker + s.data_cpus
         fits = max(1, math.floor(total_cpus / per_trial + 1e-9))
         return cfg.tune.max_concurrent_trials or fits, s.cpus_per_worker
-    concurrent = cfg.tune.max_concurrent_trials or 1
+    # PBT compares a population running side by side (its trials otherwise wait paused in turns)
+    concurrent = cfg.tune.max_concurrent_trials or (cfg.tune.num_samples if cfg.tune.scheduler == "pbt" else 1)
     cpus = min(8.0, (total_cpus - concurrent * s.data_cpus) / (concurrent * s.num_workers))
     if cpus < 0.1:
+        if not cfg.tune.max_concurrent_trials and cfg.tune.scheduler == "pbt":
+            raise UserError(f"tune.scheduler=pbt trains its population side by side, and tune.num_samples={concurrent} "
+                            f"x scaling.num_workers={s.num_workers} does not fit this cluster's {total_cpus:g} CPUs "
+                            f"(with scaling.data_cpus={s.data_cpus:g} per trial); lower tune.num_samples or set "
+                            "tune.max_concurrent_trials (the others then wait their turn, paused)")
         raise UserError(f"tune.max_concurrent_trials={concurrent} x scaling.num_workers={s.num_workers} does not fit "
                         f"this cluster's {total_cpus:g} CPUs (with scaling.data_cpus={s.data_cpus:g} per trial); "
                         "lower one of them")
@@ -180,7 +198,8 @@ def tune_search(cfg: TuneConfig, echo: Callable[[str], None] = print) -> TuneSum
 
     # The trial function only waits on its TorchTrainer; Tune refuses an empty request, so a sliver
     # (taken from the scaling.data_cpus every trial leaves free).
-    trainable = tune.with_resources(_trial_fn(base, trials_dir), {"CPU": TRIAL_DRIVER_CPUS})
+    pbt_every = cfg.tune.perturbation_interval if cfg.tune.scheduler == "pbt" else None
+    trainable = tune.with_resources(_trial_fn(base, trials_dir, pbt_every), {"CPU": TRIAL_DRIVER_CPUS})
     experiment = fsio.join(run_dir, "tune")
     restored = tune.Tuner.can_restore(experiment) and _has_state(experiment)
     if restored:
@@ -198,6 +217,17 @@ def tune_search(cfg: TuneConfig, echo: Callable[[str], None] = print) -> TuneSum
                                       stop_last_trials=False)  # a trial that reaches max_t ends on its own,
             # after raycv has written its summary: stopping it there would kill it mid-write
             scheduler.start_fresh()
+        elif cfg.tune.scheduler == "pbt":
+            from raycv.tuning_pbt import FinalEpochPBT, WithinBounds, mutations
+
+            # synchronous: the population is compared at the same epoch, every trial having reached it
+            import warnings
+
+            # raycv's trials restart as runs that resume from their checkpoints, not by reusing actors
+            warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
+            scheduler = FinalEpochPBT(cfg.train.epochs, time_attr="epoch", perturbation_interval=pbt_every,
+                                      hyperparam_mutations=mutations(cfg.tune.space),
+                                      custom_explore_fn=WithinBounds(cfg.tune.space), synch=True)
         if cfg.tune.search == "optuna":
             from ray.tune.search.optuna import OptunaSearch
 
@@ -254,6 +284,12 @@ def _summarize(grid, cfg: TuneConfig, metric: str, mode: str, run_dir: str, tria
         df = result.metrics_dataframe
         history = [float(v) for v in df[metric].tolist()] if df is not None and metric in df else []
         epochs = len(history)
+        runs = [fsio.join(trials_dir, trial_id)]
+        if cfg.tune.scheduler == "pbt":  # PBT's steps start new runs, which go on from another trial's epoch
+            from raycv.tuning_pbt import trial_runs
+
+            runs = trial_runs(trials_dir, trial_id) or runs
+            epochs = int(df["epoch"].iloc[-1]) if df is not None and "epoch" in df and len(df) else 0
         status = "error" if result.error else "done"
         if result.error:
             errors.append(f"trial {trial_id}: {str(result.error).strip().splitlines()[-1]}")
@@ -262,7 +298,7 @@ def _summarize(grid, cfg: TuneConfig, metric: str, mode: str, run_dir: str, tria
             "best": better(history) if history else None, "last": history[-1] if history else None,
             "history": history, "epochs": epochs, "status": status,
             "stopped_early": status == "done" and epochs < cfg.train.epochs,
-            "run_dir": fsio.join(trials_dir, trial_id)})
+            "run_dir": runs[-1], "runs": runs})
     trials.sort(key=lambda t: t["trial_id"])
     scored = [t for t in trials if t["best"] is not None]
     best = better(scored, key=lambda t: t["best"]) if scored else None
@@ -271,7 +307,8 @@ def _summarize(grid, cfg: TuneConfig, metric: str, mode: str, run_dir: str, tria
     rows = [{"trial_id": t["trial_id"], **{f"param.{k}": (v if isinstance(v, (int, float)) else str(v))
                                             for k, v in t["params"].items()},
              f"best_{metric}": t["best"], f"last_{metric}": t["last"], "epochs": t["epochs"],
-             "stopped_early": t["stopped_early"], "status": t["status"], "run_dir": t["run_dir"]} for t in trials]
+             "stopped_early": t["stopped_early"], "status": t["status"], "run_dir": t["run_dir"],
+             **({"earlier_runs": " ".join(t["runs"][:-1])} if cfg.tune.scheduler == "pbt" else {})} for t in trials]
     table = pa.Table.from_pylist(rows)
     results = fsio.join(run_dir, "tune_results.parquet")
     fs, p = fsio.resolve(results)
@@ -281,9 +318,13 @@ def _summarize(grid, cfg: TuneConfig, metric: str, mode: str, run_dir: str, tria
     best_cfg = trial_config(base, best["params"], storage=cfg.run.storage_path, trial_id="x")
     best_cfg = best_cfg.model_copy(update={"run": best_cfg.run.model_copy(update={"name": None})})
     best_path = fsio.join(run_dir, "best_config.yaml")
+    note = (f"# raycv train --config best_config.yaml trains it again (scaling.cpus_per_worker as the search "
+            f"sized it)\n")
+    if len(best["runs"]) > 1:
+        note = (f"# PBT changed its values during training (its runs: {', '.join(r.rsplit('/', 1)[-1] for r in best['runs'])}): "
+                f"these are its last ones; raycv train --config best_config.yaml trains with them from the start\n")
     fsio.write_text(best_path, f"# the best trial of {run_dir}: {best['trial_id']}, {metric} {best['best']:.6g}\n"
-                               f"# raycv train --config best_config.yaml trains it again (scaling.cpus_per_worker as "
-                               f"the search sized it)\n" + to_yaml(best_cfg))
+                    + note + to_yaml(best_cfg))
     plot = None
     try:
         plot = fsio.join(run_dir, "tune.png")

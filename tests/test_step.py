@@ -169,6 +169,55 @@ def test_the_learning_rate_warms_up_linearly_then_follows_the_cosine():
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-15)  # ends at zero
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_a_resumed_optimizer_takes_the_configs_values_and_keeps_its_state(name):
+    """What a worker does on resume (and raycv tune's PBT relies on): the checkpoint's optimizer state
+    (momentum, Adam's moments, the schedule's step) with the config's lr, weight decay and momentum,
+    at the step the schedule had reached; with the config unchanged, bit for bit the checkpoint's."""
+    from raycv.training.optim import follow_config, lr_factor
+
+    spe = 5
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+
+    def build(lr: float, wd: float, momentum: float):
+        cfg = load_config("train", None, [f"optim.name={name}", f"optim.lr={lr}", f"optim.weight_decay={wd}",
+                                          f"optim.momentum={momentum}", "train.epochs=4"])
+        optimizer = build_optimizer(model, cfg.optim)
+        scheduler = build_scheduler(optimizer, steps_per_epoch=spe, cfg=cfg.train)
+        return cfg, optimizer, scheduler, [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+    cfg, optimizer, scheduler, _ = build(0.1, 1e-3, 0.9)
+    for _ in range(7):
+        model(torch.randn(8, 4)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    saved_opt, saved_sched = optimizer.state_dict(), scheduler.state_dict()
+
+    same_cfg, same, same_sched, configured = build(0.1, 1e-3, 0.9)  # a plain resume
+    same.load_state_dict(saved_opt)
+    same_sched.load_state_dict(saved_sched)
+    follow_config(same, same_sched, configured)
+    assert same.state_dict()["param_groups"] == saved_opt["param_groups"]
+    assert same_sched.state_dict() == saved_sched
+
+    new_cfg, resumed, new_sched, configured = build(0.03, 2e-3, 0.5)  # PBT's new values
+    resumed.load_state_dict(saved_opt)
+    new_sched.load_state_dict(saved_sched)
+    follow_config(resumed, new_sched, configured)
+    factor = lr_factor(7, steps_per_epoch=spe, cfg=new_cfg.train)
+    assert [g["lr"] for g in resumed.param_groups] == pytest.approx([0.03 * factor] * 2, rel=1e-12)
+    assert [g["weight_decay"] for g in resumed.param_groups] == [2e-3, 0.0]  # norms and biases: none
+    if name == "sgd":
+        assert [g["momentum"] for g in resumed.param_groups] == [0.5, 0.5]
+    for key, state in saved_opt["state"].items():  # momentum buffers / Adam's moments, as saved
+        assert all(torch.equal(v, resumed.state_dict()["state"][key][k]) for k, v in state.items())
+    new_sched.step()  # and the schedule goes on from step 7 with the new peak
+    assert resumed.param_groups[0]["lr"] == pytest.approx(0.03 * lr_factor(8, steps_per_epoch=spe, cfg=new_cfg.train),
+                                                          rel=1e-12)
+
+
 def test_step_schedule_decays_by_gamma_every_step_epochs():
     cfg = load_config("train", None, ["optim.lr=1.0", "train.lr_schedule=step", "train.step_epochs=2",
                                       "train.step_gamma=0.5", "train.epochs=6", "train.warmup_epochs=0"])

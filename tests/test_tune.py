@@ -29,7 +29,17 @@ RECIPE = REPO / "jobs" / "configs" / "digits_tune.yaml"
     (["tune.space={data.augment: {choice: [none, heavy]}}"], "tune.space.data.augment: data.augment='heavy': Input should be"),
     (["tune.space={run.name: {choice: [a, b]}}"], "tune.space: run.name: the search cannot vary tune.* or run.* keys"),
     (["tune.metric=val_acc"], "tune.metric='val_acc': Input should be 'val_accuracy'"),
-    (["tune.scheduler=pbt"], "tune.scheduler='pbt': Input should be 'none' or 'asha'"),
+    (["tune.scheduler=hyperband"], "tune.scheduler='hyperband': Input should be 'none', 'asha' or 'pbt'"),
+    (["tune.scheduler=pbt", "tune.space={model.name: {choice: [simple_cnn, resnet18]}}"],
+     "tune.space.model.name: tune.scheduler=pbt changes values mid-run, from another trial's checkpoint, and "
+     "model.name cannot change there (it can: optim.lr, "),
+    (["tune.scheduler=pbt", "tune.space={train.label_smoothing: {grid: [0.0, 0.1]}}"],
+     "tune.space.train.label_smoothing: tune.scheduler=pbt mutates what it samples; a grid is not sampled"),
+    (["tune.scheduler=pbt", "tune.space={optim.weight_decay: {uniform: [0, 0.01]}}"],
+     "tune.space.optim.weight_decay: with tune.scheduler=pbt every value must be > 0"),
+    (["tune.scheduler=pbt", "tune.search=optuna"], "tune.scheduler=pbt samples its population at random"),
+    (["tune.scheduler=pbt", "tune.perturbation_interval=3"],
+     "tune.perturbation_interval=3 is not below train.epochs=3: PBT would never compare the trials"),
 ])
 def test_a_bad_search_is_one_line_before_ray_starts(overrides, message, monkeypatch, capsys):
     from raycv import runtime
@@ -38,6 +48,19 @@ def test_a_bad_search_is_one_line_before_ray_starts(overrides, message, monkeypa
     assert main(["tune", "--config", str(RECIPE), *overrides]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("raycv tune: error: ") and message in err, err
+
+
+def test_pbt_runs_its_population_at_once_and_says_when_it_does_not_fit():
+    from raycv.config import load_config
+    from raycv.errors import UserError
+    from raycv.tuning import plan_trials
+
+    cfg = load_config("tune", RECIPE, ["tune.scheduler=pbt", "tune.num_samples=2"])
+    assert plan_trials(cfg, 2.0) == (2, 0.5)  # (2 CPUs - 2 x data_cpus 0.5) / 2 trials
+    assert plan_trials(load_config("tune", RECIPE, ["tune.num_samples=2"]), 2.0) == (1, 1.5)  # ASHA: one at a time
+    with pytest.raises(UserError, match=r"^tune.scheduler=pbt trains its population side by side, and "
+                                        r"tune.num_samples=6 x scaling.num_workers=1 does not fit this cluster's 2 CPUs"):
+        plan_trials(load_config("tune", RECIPE, ["tune.scheduler=pbt"]), 2.0)
 
 
 def test_optuna_is_an_extra_asked_for_in_one_line(monkeypatch, capsys):
@@ -123,6 +146,48 @@ def test_a_search_stops_trials_early_writes_its_results_and_continues_by_name(tm
         assert [m["epoch"] for m in log] == list(range(1, r["epochs"] + 1))
         assert (Path(r["run_dir"]) / "checkpoint_epoch_0001" / "model.pt").is_file()
     assert (Path(best["run_dir"]) / "summary.json").is_file()  # the best trial finished its run
+
+
+@pytest.mark.slow
+def test_pbt_continues_the_trials_behind_from_the_checkpoints_of_those_ahead(tmp_path):
+    """Population based training over two 1-worker trials of 3 epochs, compared after epochs 1 and
+    2 (synchronous PBT: both trials stop there). Each time, the trial behind continues from the
+    other's checkpoint in a new run of its own, with the other's values perturbed: two such runs in
+    all. Each starts at the epoch after the checkpoint it continues, and trains with its own values:
+    its learning rate over its configured peak is the schedule's factor at that epoch, as in every
+    other run (a resume that kept the checkpoint's optimizer values would give the donor's lr)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    args = [sys.executable, "-m", "raycv.cli", "tune", "--config", str(RECIPE), "train.epochs=3", "tune.num_samples=2",
+            "tune.scheduler=pbt", "tune.perturbation_interval=1", f"run.storage_path={tmp_path}", "run.name=pbt"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    run = tmp_path / "pbt"
+    table = pq.read_table(run / "tune_results.parquet").to_pylist()
+    assert len(table) == 2 and all(r["status"] == "done" and r["epochs"] == 3 for r in table), table
+    steps = [line for line in done.stdout.splitlines() if "continues from trial" in line]
+    continued = sorted(p.name for p in (run / "trials").glob("*.from-*"))
+    assert len(steps) == 2 and len(continued) == 2, (done.stdout, continued)
+    assert sorted(int(c.rsplit("-epoch", 1)[1]) for c in continued) == [1, 2]
+
+    ratio: dict[int, list[float]] = {}  # epoch -> lr / configured peak, over every run
+    for r in table:
+        runs = [*filter(None, r["earlier_runs"].split(" ")), r["run_dir"]]
+        epochs = []
+        for d in map(Path, runs):
+            log = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
+            peak = yaml.safe_load((d / "config.yaml").read_text())["optim"]["lr"]
+            first = int(d.name.rsplit("-epoch", 1)[1]) + 1 if ".from-" in d.name else 1
+            assert [m["epoch"] for m in log] == list(range(first, first + len(log))), d
+            assert all(m["started_at_epoch"] <= m["epoch"] for m in log) and log[0]["started_at_epoch"] == first
+            for m in log:
+                ratio.setdefault(m["epoch"], []).append(m["lr"] / peak)
+            epochs += [m["epoch"] for m in log]
+        assert epochs == [1, 2, 3], (r["trial_id"], runs)  # each epoch once, across the trial's runs
+        last = yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text())
+        assert last["optim"]["lr"] == r["param.optim.lr"] and last["data"]["augment"] == r["param.data.augment"]
+    assert ratio[2] == pytest.approx([ratio[2][0]] * len(ratio[2]), rel=1e-9) and 0.4 < ratio[2][0] < 0.6, ratio
+    best = max(table, key=lambda r: r["best_val_accuracy"])
+    assert best["best_val_accuracy"] > 0.8 and (Path(best["run_dir"]) / "summary.json").is_file()
 
 
 def test_a_search_submits_as_a_job_through_jobs_tune_py():

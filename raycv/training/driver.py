@@ -137,10 +137,13 @@ def worker_malloc_env() -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in WORKER_MALLOC_ENV.items()}
 
 
-def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list | None = None) -> TrainSummary:
+def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list | None = None,
+        continue_from: str | None = None, pause_every: int | None = None) -> TrainSummary:
     """Train `cfg` with Ray Train; resume when `run.name` names an existing run. What it echoes and
     writes has credentials in URIs redacted. `callbacks`: more Ray Train callbacks (raycv tune's
-    TuneReportCallback)."""
+    reports). raycv tune's PBT: `continue_from`, a raycv checkpoint of another run that a new run
+    starts from (its weights, optimizer state and epoch; the optimizer's values are `cfg`'s), and
+    `pause_every`, the run ends after each epoch that is a multiple of it (run again, it goes on)."""
     echo = _redacted(echo)
     t_start = time.perf_counter()
     marks = {"fit": time.time()}
@@ -169,6 +172,13 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list |
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name, "storage_path": storage})})
     run_dir = fsio.join(storage, name)  # a local folder, a shared mount, or an object-storage URI
     resumed_from = _check_resume(cfg, run_dir, echo)
+    if continue_from and not resumed_from:  # a run of its own continues its own checkpoints
+        from raycv.training.checkpoint import read_info
+
+        resumed_from = read_info(continue_from).epoch
+        echo(f"raycv: continuing from {continue_from} (epoch {resumed_from}) with this run's values")
+    else:
+        continue_from = None
     runtime.connect(cfg.run.address, verbose=cfg.run.verbose)
     marks["ray"] = time.time()
     default_sizing = cfg.scaling.cpus_per_worker is None and not cfg.scaling.use_gpu  # shares the CPUs free now
@@ -221,7 +231,8 @@ def fit(cfg: TrainConfig, echo: Callable[[str], None] = print, callbacks: list |
                                                                    "random_erasing", "mean", "std")
                              if hasattr(train_preset, k)},
             "eval_preset": eval_preset.to_dict(), "num_train": splits.num_train, "threads": threads,
-            "mlflow_tracking_uri": mlflow_uri, "worker_cache": worker_cache,
+            "mlflow_tracking_uri": mlflow_uri, "worker_cache": worker_cache, "continue_from": continue_from,
+            "pause_every": pause_every,
         },
         scaling_config=ScalingConfig(num_workers=(cfg.scaling.min_workers, cfg.scaling.num_workers)
                                      if cfg.scaling.min_workers else cfg.scaling.num_workers,

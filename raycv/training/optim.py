@@ -59,6 +59,20 @@ def build_scheduler(optimizer, *, steps_per_epoch: int, cfg: TrainSection) -> to
         optimizer, lambda step: lr_factor(step, steps_per_epoch=steps_per_epoch, cfg=cfg))
 
 
+def follow_config(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                  values: list[dict]) -> None:
+    """After a resume: the optimizer's values (lr, weight decay, momentum, ...) are this run's config's,
+    not the checkpoint's (the same unless the config changed them: raycv tune's PBT does), at the
+    step the checkpoint's schedule had reached. `values`: the param groups as built from the config."""
+    for group, fresh in zip(optimizer.param_groups, values, strict=True):
+        group.update(fresh)
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    factors = [f(scheduler.last_epoch) for f in scheduler.lr_lambdas]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, factors):
+        group["lr"] = base * factor
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
 def build_loss(cfg: TrainSection, task: str = "classification") -> nn.Module:
     """Cross-entropy; it takes class indices or, after MixUp/CutMix, class probabilities.
     Segmentation: per-pixel cross-entropy on torchvision's output dict (void pixels ignored)."""

@@ -26,7 +26,7 @@ from raycv.training import checkpoint as ckpt
 from raycv.training import pruning, sharding
 from raycv.training.batches import AugmentCollate, BoxCollate, PairCollate, ShardCache, box_targets
 from raycv.training.evaluation import all_reduce_sum, evaluate, evaluate_detection, evaluate_segmentation
-from raycv.training.optim import build_optimizer, build_scheduler
+from raycv.training.optim import build_optimizer, build_scheduler, follow_config
 from raycv.training.precision import Precision
 from raycv.training.step import build_stepper
 from raycv.redact import redact_tree
@@ -93,7 +93,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = get_model(cfg.model.name, num_classes=len(classes), weights=cfg.model.weights, **cfg.model.kwargs)
     if cfg.model.init_from:
         ckpt.init_from_checkpoint(model, cfg.model.init_from, task)
+    pause_every = config.get("pause_every")
     resumed = ray.train.get_checkpoint()
+    if resumed is None and config.get("continue_from"):  # raycv tune's PBT: another trial's weights, this run's values
+        resumed = Checkpoint.from_directory(str(ckpt.local_dir(config["continue_from"])))
     if tc.prune.amount and resumed is None:
         model = pruning.prune(model, tc.prune, eval_preset.shape)
     elif tc.prune.amount and tc.prune.method == "ln_structured":  # the widths the run's checkpoint has
@@ -111,6 +114,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches_per_epoch = max(1, math.ceil(rows_per_rank / cfg.data.batch_size))
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / tc.grad_accum_steps))
     scheduler = build_scheduler(optimizer, steps_per_epoch=steps_per_epoch, cfg=tc)
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     ema = None
     if tc.ema_decay:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -131,6 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
     if resumed is not None:
         scheduler.load_state_dict(state["scheduler"])
+        follow_config(optimizer, scheduler, configured)
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"])
         if "scaler" in state:
@@ -271,6 +276,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                        **({"early_stopped": True} if stop else {})})
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
         if stop:  # every rank sees the same all-reduced metrics, so all stop together
+            break
+        if pause_every and epoch % pause_every == 0 and epoch < tc.epochs:  # raycv tune's PBT compares here
             break
     if log is not None:
         log.close()
