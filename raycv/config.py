@@ -262,7 +262,7 @@ class TuneSection(_Section):
     metric: Literal[METRICS] | None = None  # what the search ranks by; default: the task's checkpoint metric
     mode: Literal["max", "min"] | None = None  # default: min for val_loss, else max
     num_samples: int = Field(4, ge=1, le=10_000)  # trials (with a grid: per grid point)
-    max_concurrent_trials: int | None = Field(None, ge=1)  # default: as many as the cluster holds with scaling.cpus_per_worker, else 1
+    max_concurrent_trials: int | None = Field(None, ge=1)  # default: as many as the cluster holds with scaling.cpus_per_worker, else 1 (pbt: num_samples)
     # asha: stop trials that fall behind at each rung of epochs; pbt: population based training, the
     # trials behind continue from the weights of those ahead with their values perturbed
     scheduler: Literal["none", "asha", "pbt"] = "asha"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -201,6 +202,8 @@ def tune_search(cfg: TuneConfig, echo: Callable[[str], None] = print) -> TuneSum
     pbt_every = cfg.tune.perturbation_interval if cfg.tune.scheduler == "pbt" else None
     trainable = tune.with_resources(_trial_fn(base, trials_dir, pbt_every), {"CPU": TRIAL_DRIVER_CPUS})
     experiment = fsio.join(run_dir, "tune")
+    # PBT's trials restart as runs that resume from their checkpoints, not by reusing actors
+    warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
     restored = tune.Tuner.can_restore(experiment) and _has_state(experiment)
     if restored:
         echo(f"raycv tune: continuing the search in {run_dir} (finished trials are not run again)")
@@ -221,10 +224,6 @@ def tune_search(cfg: TuneConfig, echo: Callable[[str], None] = print) -> TuneSum
             from raycv.tuning_pbt import FinalEpochPBT, WithinBounds, mutations
 
             # synchronous: the population is compared at the same epoch, every trial having reached it
-            import warnings
-
-            # raycv's trials restart as runs that resume from their checkpoints, not by reusing actors
-            warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
             scheduler = FinalEpochPBT(cfg.train.epochs, time_attr="epoch", perturbation_interval=pbt_every,
                                       hyperparam_mutations=mutations(cfg.tune.space),
                                       custom_explore_fn=WithinBounds(cfg.tune.space), synch=True)
@@ -259,7 +258,7 @@ def _echo_callback(metric: str, echo: Callable[[str], None]):
     class Echo(Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info):
             value = result.get(metric)
-            echo(f"trial {trial.trial_id}: epoch {result.get('training_iteration')}"
+            echo(f"trial {trial.trial_id}: epoch {result.get('epoch', result.get('training_iteration'))}"
                  + (f" {metric} {value:.4f}" if isinstance(value, (int, float)) else ""))
 
         def on_trial_complete(self, iteration, trials, trial, **info):

@@ -37,6 +37,22 @@ class FinalEpochPBT(PopulationBasedTraining):
             return self.CONTINUE
         return super().on_trial_result(tune_controller, trial, result)
 
+    def choose_trial_to_run(self, tune_controller):
+        """Synchronous PBT runs the trials behind its next comparison epoch. Tune restores a search
+        without its scheduler: the comparison epoch starts again at the first interval, behind every
+        restored trial, and none would run again. When nothing runs and trials wait: the next
+        comparison after the furthest of them."""
+        from ray.tune.experiment import Trial
+
+        chosen = super().choose_trial_to_run(tune_controller)
+        trials = tune_controller.get_trials()
+        waiting = [t for t in trials if t.status in (Trial.PENDING, Trial.PAUSED)]
+        if chosen is None and waiting and not any(t.status == Trial.RUNNING for t in trials):
+            self._next_perturbation_sync = (max(self._trial_state[t].last_train_time for t in waiting)
+                                            + self._perturbation_interval)
+            chosen = super().choose_trial_to_run(tune_controller)
+        return chosen
+
     def _exploit(self, tune_controller, trial, trial_to_clone) -> None:
         super()._exploit(tune_controller, trial, trial_to_clone)
         epoch = (self._trial_state[trial_to_clone].last_result or {}).get("epoch")

@@ -150,24 +150,24 @@ def test_a_search_stops_trials_early_writes_its_results_and_continues_by_name(tm
 
 @pytest.mark.slow
 def test_pbt_continues_the_trials_behind_from_the_checkpoints_of_those_ahead(tmp_path):
-    """Population based training over two 1-worker trials of 3 epochs, compared after epochs 1 and
-    2 (synchronous PBT: both trials stop there). Each time, the trial behind continues from the
-    other's checkpoint in a new run of its own, with the other's values perturbed: two such runs in
-    all. Each starts at the epoch after the checkpoint it continues, and trains with its own values:
-    its learning rate over its configured peak is the schedule's factor at that epoch, as in every
-    other run (a resume that kept the checkpoint's optimizer values would give the donor's lr)."""
+    """Population based training over two 1-worker trials of 2 epochs, compared after epoch 1
+    (synchronous PBT: both trials stop there; the last epoch is never compared). The trial behind
+    continues from the other's checkpoint in a new run of its own, with the other's values
+    perturbed. That run starts at epoch 2 and trains with its own values: its learning rate over its
+    configured peak (a constant schedule after one warm-up epoch: 1) is the same as in the other
+    trial's run (a resume that kept the checkpoint's optimizer values would give the other trial's lr)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    args = [sys.executable, "-m", "raycv.cli", "tune", "--config", str(RECIPE), "train.epochs=3", "tune.num_samples=2",
-            "tune.scheduler=pbt", "tune.perturbation_interval=1", f"run.storage_path={tmp_path}", "run.name=pbt"]
+    args = [sys.executable, "-m", "raycv.cli", "tune", "--config", str(RECIPE), "train.epochs=2",
+            "train.lr_schedule=constant", "tune.num_samples=2", "tune.scheduler=pbt", "tune.perturbation_interval=1",
+            f"run.storage_path={tmp_path}", "run.name=pbt"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=env)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     run = tmp_path / "pbt"
     table = pq.read_table(run / "tune_results.parquet").to_pylist()
-    assert len(table) == 2 and all(r["status"] == "done" and r["epochs"] == 3 for r in table), table
+    assert len(table) == 2 and all(r["status"] == "done" and r["epochs"] == 2 for r in table), table
     steps = [line for line in done.stdout.splitlines() if "continues from trial" in line]
     continued = sorted(p.name for p in (run / "trials").glob("*.from-*"))
-    assert len(steps) == 2 and len(continued) == 2, (done.stdout, continued)
-    assert sorted(int(c.rsplit("-epoch", 1)[1]) for c in continued) == [1, 2]
+    assert len(steps) == 1 and len(continued) == 1 and continued[0].endswith("-epoch1"), (done.stdout, continued)
 
     ratio: dict[int, list[float]] = {}  # epoch -> lr / configured peak, over every run
     for r in table:
@@ -182,10 +182,10 @@ def test_pbt_continues_the_trials_behind_from_the_checkpoints_of_those_ahead(tmp
             for m in log:
                 ratio.setdefault(m["epoch"], []).append(m["lr"] / peak)
             epochs += [m["epoch"] for m in log]
-        assert epochs == [1, 2, 3], (r["trial_id"], runs)  # each epoch once, across the trial's runs
+        assert epochs == [1, 2], (r["trial_id"], runs)  # each epoch once, across the trial's runs
         last = yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text())
         assert last["optim"]["lr"] == r["param.optim.lr"] and last["data"]["augment"] == r["param.data.augment"]
-    assert ratio[2] == pytest.approx([ratio[2][0]] * len(ratio[2]), rel=1e-9) and 0.4 < ratio[2][0] < 0.6, ratio
+    assert ratio[2] == pytest.approx([1.0, 1.0], rel=1e-12), ratio  # after the warm-up epoch: the peak
     best = max(table, key=lambda r: r["best_val_accuracy"])
     assert best["best_val_accuracy"] > 0.8 and (Path(best["run_dir"]) / "summary.json").is_file()
 
