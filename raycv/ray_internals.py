@@ -44,6 +44,28 @@ def asha_bracket(scheduler, trial_id: str) -> int | None:
     return None if bracket is None else scheduler._brackets.index(bracket)
 
 
+def pbt_record(scheduler, trial) -> tuple[float, dict | None]:
+    """What a PopulationBasedTraining scheduler last recorded of a trial at a comparison: (its time
+    attribute's value, its result)."""
+    state = scheduler._trial_state[trial]
+    return state.last_train_time, state.last_result
+
+
+def pbt_compare_next_at(scheduler, time: float) -> None:
+    """Set when synchronous PBT next compares its trials (it runs only trials behind that time)."""
+    scheduler._next_perturbation_sync = time
+
+
+def pbt_settings(scheduler) -> tuple[float, list[str]]:
+    """A PopulationBasedTraining scheduler's perturbation interval and the keys it mutates."""
+    return scheduler._perturbation_interval, list(scheduler._hyperparam_mutations)
+
+
+# PopulationBasedTraining calls this method of itself, (tune_controller, trial, trial_to_clone), when
+# a trial takes another's checkpoint and perturbed values (raycv/tuning_pbt.py prints a line after it).
+PBT_EXPLOIT = "_exploit"
+
+
 def cluster_config_max_resources() -> dict | None:
     """Node-type maxima of the cluster config that KubeRay / autoscaler v2 report, or None."""
     from ray._private import state

@@ -21,6 +21,7 @@ from typing import Any, Callable
 from ray.train import UserCallback
 from ray.tune.schedulers import PopulationBasedTraining
 
+from raycv import ray_internals
 from raycv.data import io as fsio
 
 
@@ -48,18 +49,23 @@ class FinalEpochPBT(PopulationBasedTraining):
         trials = tune_controller.get_trials()
         waiting = [t for t in trials if t.status in (Trial.PENDING, Trial.PAUSED)]
         if chosen is None and waiting and not any(t.status == Trial.RUNNING for t in trials):
-            self._next_perturbation_sync = (max(self._trial_state[t].last_train_time for t in waiting)
-                                            + self._perturbation_interval)
+            interval, _ = ray_internals.pbt_settings(self)
+            furthest = max(ray_internals.pbt_record(self, t)[0] for t in waiting)
+            ray_internals.pbt_compare_next_at(self, furthest + interval)
             chosen = super().choose_trial_to_run(tune_controller)
         return chosen
 
-    def _exploit(self, tune_controller, trial, trial_to_clone) -> None:
-        super()._exploit(tune_controller, trial, trial_to_clone)
-        epoch = (self._trial_state[trial_to_clone].last_result or {}).get("epoch")
-        values = ", ".join(f"{k}={trial.config[k]:.4g}" if isinstance(trial.config[k], float) else f"{k}={trial.config[k]}"
-                           for k in self._hyperparam_mutations)
-        print(f"trial {trial.trial_id}: continues from trial {trial_to_clone.trial_id}'s epoch {epoch} with {values}",
-              flush=True)  # the search's driver prints its lines (raycv tune's own echo is print)
+
+def _exploit_and_say(self, tune_controller, trial, trial_to_clone) -> None:
+    getattr(PopulationBasedTraining, ray_internals.PBT_EXPLOIT)(self, tune_controller, trial, trial_to_clone)
+    epoch = (ray_internals.pbt_record(self, trial_to_clone)[1] or {}).get("epoch")
+    values = ", ".join(f"{k}={trial.config[k]:.4g}" if isinstance(trial.config[k], float) else f"{k}={trial.config[k]}"
+                       for k in ray_internals.pbt_settings(self)[1])
+    print(f"trial {trial.trial_id}: continues from trial {trial_to_clone.trial_id}'s epoch {epoch} with {values}",
+          flush=True)  # the search's driver prints its lines (raycv tune's own echo is print)
+
+
+setattr(FinalEpochPBT, ray_internals.PBT_EXPLOIT, _exploit_and_say)
 
 
 class WithinBounds:

@@ -56,6 +56,26 @@ def test_in_blocks_of_fuses_into_the_upstream_map_and_cuts_blocks(ray_session):
     assert [b.num_rows for b in (ray.get(r) for r in ds.to_arrow_refs())] == [256, 256, 256, 232]
 
 
+def test_pbt_record_settings_and_its_exploit_step():
+    import inspect
+
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    scheduler = PopulationBasedTraining(time_attr="epoch", metric="m", mode="max", perturbation_interval=2,
+                                        hyperparam_mutations={"optim.lr": [0.1, 0.2]}, synch=True)
+    assert ray_internals.pbt_settings(scheduler) == (2, ["optim.lr"])
+    from ray.tune.schedulers.pbt import _PBTTrialState
+
+    trial = Trial("trainable", config={"optim.lr": 0.1}, stub=True)
+    scheduler._trial_state[trial] = _PBTTrialState(trial)  # what on_trial_add does, without a controller
+    assert ray_internals.pbt_record(scheduler, trial) == (0, None)
+    ray_internals.pbt_compare_next_at(scheduler, 5)
+    assert scheduler._next_perturbation_sync == 5
+    method = getattr(PopulationBasedTraining, ray_internals.PBT_EXPLOIT)
+    assert list(inspect.signature(method).parameters) == ["self", "tune_controller", "trial", "trial_to_clone"]
+
+
 def test_asha_rungs_and_brackets():
     from ray.tune.schedulers import ASHAScheduler
 

@@ -63,6 +63,21 @@ def test_pbt_runs_its_population_at_once_and_says_when_it_does_not_fit():
         plan_trials(load_config("tune", RECIPE, ["tune.scheduler=pbt"]), 2.0)
 
 
+def test_pbt_keeps_perturbed_values_within_the_space():
+    """PBT multiplies a value by 0.8 or 1.2 whatever its bounds; raycv puts it back inside them (a
+    momentum of 0.99 x 1.2 would be refused by the config and fail the trial), and moves choices as lists."""
+    from raycv.tuning_pbt import WithinBounds, mutations
+
+    space = {"optim.momentum": {"uniform": [0.5, 0.99]}, "optim.lr": {"loguniform": [1.0e-4, 0.1]},
+             "n": {"randint": [1, 4]}, "data.augment": {"choice": ["none", "light"]}}
+    keep = WithinBounds(space)
+    assert keep({"optim.momentum": 0.99 * 1.2, "optim.lr": 0.1 * 0.8, "n": 4 * 1.2, "data.augment": "light"}) == \
+        {"optim.momentum": 0.99, "optim.lr": 0.1 * 0.8, "n": 4, "data.augment": "light"}
+    assert keep({"optim.momentum": 0.4, "optim.lr": 1e-5, "n": 1 * 0.8, "data.augment": "none"}) == \
+        {"optim.momentum": 0.5, "optim.lr": 1e-4, "n": 1, "data.augment": "none"}
+    assert mutations(space)["data.augment"] == ["none", "light"]
+
+
 def test_optuna_is_an_extra_asked_for_in_one_line(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "optuna", None)  # as where it is not installed: `import optuna` fails
     assert main(["tune", "--config", str(RECIPE), "tune.search=optuna"]) == 2
