@@ -51,9 +51,12 @@ def pbt_record(scheduler, trial) -> tuple[float, dict | None]:
     return state.last_train_time, state.last_result
 
 
-def pbt_compare_next_at(scheduler, time: float) -> None:
-    """Set when synchronous PBT next compares its trials (it runs only trials behind that time)."""
+def pbt_compare_next_at(scheduler, time: float) -> float:
+    """Set when synchronous PBT next compares its trials (it runs only trials behind that time).
+    -> the time it had (read first: a Ray that renamed it fails here, not by setting a new name)."""
+    before = scheduler._next_perturbation_sync
     scheduler._next_perturbation_sync = time
+    return before
 
 
 def pbt_settings(scheduler) -> tuple[float, list[str]]:
