@@ -144,6 +144,7 @@ class Predictor:
             checkpoint=spec.checkpoint, model_name=spec.name, model_kwargs=spec.kwargs, weights=spec.weights,
             torch_home=None, classes=spec.classes, preprocess=spec.preprocess.to_dict(),
             threads=torch.get_num_threads(), use_gpu=device.startswith("cuda"), model=spec.model,
+            channels_last=cfg.infer.channels_last,
             schema_metadata=file_metadata(checkpoint=None, model=spec.name, classes=spec.classes,
                                           preprocess=spec.preprocess.to_dict(), task=spec.task))
         if spec.task == "classification":

@@ -84,6 +84,22 @@ def test_load_predicts_paths_pil_and_arrays_alike(checkpoint, images, tmp_path):
     assert rows[0]["label"] == info.classes[int(probs.argmax())] and rows[0]["score"] == pytest.approx(float(probs.max()), abs=1e-5)
 
 
+def test_the_model_runs_channels_last_with_the_same_predictions(checkpoint, images):
+    """infer.channels_last (default on): NHWC weights and batches, rows equal to the NCHW model's."""
+    import raycv
+
+    on, off = raycv.load(checkpoint), raycv.load(checkpoint, overrides={"infer.channels_last": False})
+    seen = []
+    for p in (on, off):
+        conv = next(m for m in p.model.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == (p is on) != conv.weight.is_contiguous()
+    a, b = on([str(i) for i in images]), off([str(i) for i in images])
+    assert seen == [True, False]
+    assert [r["label"] for r in a] == [r["label"] for r in b]
+    assert [r["score"] for r in a] == pytest.approx([r["score"] for r in b], abs=1e-5)
+
+
 def test_predict_prints_one_line_per_image_without_ray(checkpoint, images, tmp_path):
     """A subprocess with no Ray reachable: `raycv predict` must not start or join a cluster."""
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}  # joining this would fail

@@ -182,7 +182,7 @@ def run_inference(cfg: InferConfig) -> InferSummary:
                                 weights=spec.weights, torch_home=torch.hub.get_dir() if spec.weights else None,
                                 classes=spec.classes, preprocess=spec.preprocess.to_dict(), threads=threads,
                                 use_gpu=cfg.infer.use_gpu, schema_metadata=metadata, counter=counter,
-                                plugins=list(cfg.run.plugins))
+                                plugins=list(cfg.run.plugins), channels_last=cfg.infer.channels_last)
         if spec.task == "classification":
             predictor_kwargs.update(topk=cfg.infer.topk, embedding=cfg.infer.embedding, logits=cfg.infer.logits)
         elif spec.task == "detection":

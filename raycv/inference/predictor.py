@@ -23,9 +23,10 @@ class _Predictor:
     def __init__(self, *, checkpoint: str | None, model_name: str, model_kwargs: dict[str, Any],
                  weights: str | None, torch_home: str | None, classes: list[str], preprocess: dict, threads: int,
                  use_gpu: bool, counter=None, decode: dict[str, Any] | None = None, model: torch.nn.Module | None = None,
-                 plugins: list[str] = ()):
+                 plugins: list[str] = (), channels_last: bool = False):
         """`model`: already built and loaded (raycv.load, in the caller's process); else built here.
-        `plugins`: modules that register the model (run.plugins), imported in this process first."""
+        `plugins`: modules that register the model (run.plugins), imported in this process first.
+        `channels_last`: the model and each batch in NHWC memory (infer.channels_last)."""
         began = time.time()
         from raycv import plugins as _plugins
 
@@ -40,6 +41,9 @@ class _Predictor:
         elif model is None:
             model = get_model(model_name, num_classes=len(classes), weights=weights, **model_kwargs)
         self.model = model.eval().to(self.device)
+        self.channels_last = channels_last
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.classes = np.asarray(classes, dtype=object)
         self.preset = eval_preset_from_dict(preprocess)
         self.counter = counter  # a RowCounter actor, for the driver's progress line
@@ -66,6 +70,8 @@ class _Predictor:
         x = None
         if ok.any():
             x = self.preset.normalize(torch.from_numpy(np.require(batch["image"][ok], requirements=["C", "W"])).to(self.device))
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
         if self.counter is not None:
             self.counter.add.remote(len(errors))
         return batch, errors, ok, x
