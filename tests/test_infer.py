@@ -502,3 +502,42 @@ def test_the_exactly_once_check_refuses_to_publish_duplicate_ids(ray_session, ch
         pq.write_table(pa.table({"path": ids[:5], "image": images}), tmp_path / "ok.parquet")
         s = _infer(checkpoint, tmp_path / "ok.parquet", tmp_path / "out")
         assert (s.rows, s.errors) == (5, 1)
+
+
+@pytest.mark.slow
+def test_a_command_joining_a_running_instance_leaves_the_weights_to_the_actors(ray_session, checkpoint, digit_folder,
+                                                                              tmp_path):
+    """With $RAY_ADDRESS the driver reads the checkpoint's raycv.json only and never imports torch
+    (a separate command joins the test run's Ray instance, as a user's joins theirs): the actors load
+    the weights. Its predictions are the in-process run's, and a checkpoint whose weights are damaged
+    is still one line naming the problem, with nothing left in the output."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    code = "import sys, raycv.cli; rc = raycv.cli.main(sys.argv[1:]); print('torch' in sys.modules); sys.exit(rc)"
+
+    def command(ckpt: Path, out: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code, "infer", "--checkpoint", str(ckpt), "--input",
+                               str(digit_folder), "--output", str(out)], env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    ok = command(checkpoint, tmp_path / "joined")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stdout.strip().splitlines()[-1] == "False"  # torch never imported in the driver
+    _infer(checkpoint, digit_folder, tmp_path / "here")  # in this process: the model loaded in the driver first
+    joined, here = read_output(str(tmp_path / "joined")), read_output(str(tmp_path / "here"))
+    assert dict(zip(joined["path"].to_pylist(), joined["label"].to_pylist())) == \
+        dict(zip(here["path"].to_pylist(), here["label"].to_pylist())) and joined.num_rows == 60
+    torn = tmp_path / "torn"
+    shutil.copytree(checkpoint, torn)
+    weights = (torn / "model.pt").read_bytes()
+    (torn / "model.pt").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))  # same size, one bit off
+    bad = command(torn, tmp_path / "bad")
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        f"raycv infer: error: checkpoint {torn} is torn: model.pt is not the file its raycv.json records (its "
+        f"SHA-256 differs from the recorded one); was it written or copied by a run that crashed? use another "
+        f"checkpoint")
+    assert not (tmp_path / "bad").exists()

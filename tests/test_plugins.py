@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from raycv.cli import main
 
@@ -72,8 +73,10 @@ def test_a_plugin_model_and_dataset_train_and_infer_on_a_running_instance(ray_se
     run = tmp_path / "plug"
     config = (run / "config.yaml").read_text()
     assert "example_tinynet" in config and "- raycv_example_plugin" in config
-    without = _raycv("infer", "--checkpoint", str(run), "--input", str(PLUGINS), "--output", str(tmp_path / "x"),
-                     cwd=tmp_path, env=env)
+    (tmp_path / "one").mkdir()  # joining a running instance, the actor builds the model: give it an image
+    Image.new("RGB", (8, 8)).save(tmp_path / "one" / "a.png")
+    without = _raycv("infer", "--checkpoint", str(run), "--input", str(tmp_path / "one"), "--output",
+                     str(tmp_path / "x"), cwd=tmp_path, env=env)
     assert without.returncode == 2 and "unknown model 'example_tinynet'" in without.stderr
     assert "--import MODULE" in without.stderr and not (tmp_path / "x").exists()
     infer = _raycv("infer", "--import", "raycv_example_plugin", "--checkpoint", str(run), "--input",

@@ -13,11 +13,13 @@ inference preprocesses exactly as validation did.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-
-import torch
-from torchvision.transforms import v2
+from typing import TYPE_CHECKING
 
 from raycv.data.geometry import Letterbox, ResizeCenterCrop, Square, letterbox_size
+
+if TYPE_CHECKING:  # imported where a preset touches tensors: reading a checkpoint's preset needs neither
+    import torch
+    from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,6 +27,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def normalize(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """(B, C, H, W) uint8 -> float32, scaled to [0, 1], then standardised per channel."""
+    import torch
+
     m = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
     return (batch.float().div_(255.0) - m) / s
@@ -47,6 +51,8 @@ class ClassificationEvalPreset:
         return ResizeCenterCrop(self.resize_size, self.input_size)
 
     def geometry(self, img) -> torch.Tensor:
+        import torch
+
         return torch.from_numpy(self.pixels(img))
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
@@ -81,9 +87,13 @@ class ClassificationTrainPreset:
         return ResizeCenterCrop(self.resize_size, self.resize_size)
 
     def geometry(self, img) -> torch.Tensor:
+        import torch
+
         return torch.from_numpy(self.pixels(img))
 
     def augment_transform(self) -> v2.Compose:
+        from torchvision.transforms import v2
+
         size, store = self.input_size, self.resize_size
         steps: list = []
         if self.augment == "none":
@@ -109,6 +119,8 @@ class ClassificationTrainPreset:
 
     def augment_batch(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) uint8 -> (B, C, input_size, input_size) uint8, fresh randomness per image."""
+        import torch
+
         if (self.augment == "none" and not self.hflip and not self.random_erasing
                 and batch.shape[-1] == batch.shape[-2] == self.input_size):
             return batch  # nothing random to do: skip the per-image loop
@@ -145,10 +157,14 @@ class _PairGeometry:
         return Square(self.stored_size)
 
     def geometry(self, img) -> torch.Tensor:
+        import torch
+
         return torch.from_numpy(self.pixels(img))
 
     def mask_geometry(self, mask) -> torch.Tensor:
         """A PIL class mask (mode P or L) -> (H, W) uint8 at the stored size."""
+        import torch
+
         return torch.from_numpy(Square(self.stored_size, nearest=True)(mask))
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
@@ -191,6 +207,8 @@ class SegmentationTrainPreset(_PairGeometry):
         return self.resize_size
 
     def augment_transform(self) -> v2.Compose:
+        from torchvision.transforms import v2
+
         size = self.input_size
         if self.augment == "none":
             steps: list = [v2.Resize((size, size), antialias=True)]  # bilinear; v2 moves a Mask with nearest
@@ -209,6 +227,7 @@ class SegmentationTrainPreset(_PairGeometry):
     def augment_pairs(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, S, S) uint8 images and (B, S, S) uint8 masks -> the same at input_size, each pair
         through one draw of the random geometry."""
+        import torch
         from torchvision import tv_tensors
 
         if self.augment == "none" and not self.hflip and images.shape[-1] == self.input_size:
@@ -241,6 +260,8 @@ class _Letterbox:
 
     def geometry(self, img) -> torch.Tensor:
         """PIL RGB -> (3, S, S) uint8: letterboxed into the stored square."""
+        import torch
+
         return torch.from_numpy(self.pixels(img))
 
     def box_scale(self, height: int, width: int) -> tuple[float, float]:
@@ -285,6 +306,8 @@ class DetectionTrainPreset(_Letterbox):
         return self.resize_size
 
     def augment_transform(self) -> v2.Compose:
+        from torchvision.transforms import v2
+
         size = self.input_size
         if self.augment == "none":
             steps: list = []
@@ -305,6 +328,7 @@ class DetectionTrainPreset(_Letterbox):
         """(B, 3, S, S) uint8 images with their (n_i, 4) boxes and (n_i,) labels -> the same at
         input_size, each image through one draw of the random geometry with its boxes; boxes that
         leave the image or shrink to nothing go, with their labels."""
+        import torch
         from torchvision import tv_tensors
 
         if self.augment == "none" and not self.hflip and images.shape[-1] == self.input_size:

@@ -4,13 +4,13 @@ the output only when every input is accounted for."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import ray
 import ray.data
-import torch
 
 from raycv import runtime
 from raycv.config import InferConfig
@@ -19,7 +19,6 @@ from raycv.data.io import IMAGE_EXTENSIONS, normalize
 from raycv.data.presets import ClassificationEvalPreset, DetectionEvalPreset, SegmentationEvalPreset
 from raycv.errors import UserError, find_storage_error
 from raycv.inference.output import OutputLocation
-from raycv.inference.predictor import PREDICTORS
 from raycv.inference.progress import ProgressLine, row_counter
 from raycv.inference.schema import file_metadata, output_schema
 from raycv.inference.shards import ShardSink
@@ -64,16 +63,48 @@ class ModelSpec:
     model: Any = None  # the model as loaded here (checked, on CPU); the actors load their own
 
 
-def load_spec(cfg: InferConfig) -> ModelSpec:
+class ModelActor:
+    """What Ray Data runs on each predictor actor: the task's predictor, built in the actor's
+    process. Its module (and torch with it) is imported there, not in the driver."""
+
+    def __init__(self, *, task: str, check: bool = False, **kwargs):
+        from raycv.inference.predictor import PREDICTORS
+
+        self.predictor = PREDICTORS[task](**kwargs)
+        if check:  # the driver did not load the model (weights_checked_here): what it would have refused
+            info = ckpt.read_info(kwargs["checkpoint"])
+            ckpt.check_runs(self.predictor.model, info, kwargs["checkpoint"])
+
+    def __call__(self, batch):
+        return self.predictor(batch)
+
+
+def weights_checked_here(cfg: InferConfig) -> bool:
+    """Whether the driver loads the model to check it before joining Ray. Always when it starts its
+    own Ray instance: a bad checkpoint must not start one. Joining a running instance (run.address,
+    $RAY_ADDRESS) with a checkpoint, the driver reads only its raycv.json and each actor loads and
+    checks the weights (a failure is the same one line): the driver then never imports torch, and
+    the actors start that much sooner (bench/README.md). Embeddings need the head's width: loaded."""
+    joining = bool(cfg.run.address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
+    return not (joining and cfg.infer.checkpoint and not cfg.infer.embedding)
+
+
+def load_spec(cfg: InferConfig, *, load: bool = True) -> ModelSpec:
+    """`load=False`: a checkpoint's raycv.json only (its files present, its fields valid)."""
     if cfg.infer.checkpoint:
         directory = ckpt.resolve_checkpoint(cfg.infer.checkpoint)
-        model, info = ckpt.load_model(directory)  # fail here, not in the actors: files present, weights fit
+        if load:
+            model, info = ckpt.load_model(directory)  # fail here, not in the actors: files present, weights fit
+        else:
+            model, info = None, ckpt.read_info(directory)
         if info.quantization and cfg.infer.use_gpu:
             raise UserError(f"{directory} is an int8 checkpoint (raycv quantize), which runs on CPUs: "
                             f"set infer.use_gpu=false, or infer with the float checkpoint it came from")
-        ckpt.check_runs(model, info, directory)
+        if model is not None:
+            ckpt.check_runs(model, info, directory)
         return ModelSpec(info.model_name, info.model_kwargs, info.classes, info.preprocess, None, str(directory),
-                         _head_features(model, info.task), info.task, (info.config or {}).get("data"), model)
+                         _head_features(model, info.task) if model is not None else 0, info.task,
+                         (info.config or {}).get("data"), model)
     if not cfg.model.weights:
         raise UserError("give --checkpoint, or model.name with model.weights (pretrained torchvision weights)")
     from raycv.models import get_model, get_model_entry
@@ -98,6 +129,12 @@ def load_spec(cfg: InferConfig) -> ModelSpec:
                                           mean=tuple(t.mean), std=tuple(t.std))
     return ModelSpec(cfg.model.name, kwargs, classes, preset, cfg.model.weights, None,
                      _head_features(model, task), task, model=model)
+
+
+def _torch_home() -> str:
+    import torch
+
+    return torch.hub.get_dir()
 
 
 def _head_features(model, task: str) -> int:
@@ -153,7 +190,8 @@ def run_inference(cfg: InferConfig) -> InferSummary:
     plugins.load(cfg.run.plugins)  # before Ray starts: a plugin that fails is one line
     check_input(cfg)
     check_apart(cfg.infer.input, cfg.infer.output)
-    spec = load_spec(cfg)
+    checked_here = weights_checked_here(cfg)
+    spec = load_spec(cfg, load=checked_here)
     spec.model = None  # loaded to check it; the actors load their own
     if cfg.infer.embedding and spec.task != "classification":
         raise UserError(f"infer.embedding is for classification models; {spec.name} is a {spec.task} model")
@@ -178,8 +216,9 @@ def run_inference(cfg: InferConfig) -> InferSummary:
         metadata = file_metadata(checkpoint=spec.checkpoint and redact(spec.checkpoint), model=spec.name, classes=spec.classes,
                                  preprocess=spec.preprocess.to_dict(), task=spec.task)
         embedding_dim = spec.embedding_dim if cfg.infer.embedding else None
-        predictor_kwargs = dict(checkpoint=spec.checkpoint, model_name=spec.name, model_kwargs=spec.kwargs,
-                                weights=spec.weights, torch_home=torch.hub.get_dir() if spec.weights else None,
+        predictor_kwargs = dict(task=spec.task, check=not checked_here,
+                                checkpoint=spec.checkpoint, model_name=spec.name, model_kwargs=spec.kwargs,
+                                weights=spec.weights, torch_home=_torch_home() if spec.weights else None,
                                 classes=spec.classes, preprocess=spec.preprocess.to_dict(), threads=threads,
                                 use_gpu=cfg.infer.use_gpu, schema_metadata=metadata, counter=counter,
                                 plugins=list(cfg.run.plugins), channels_last=cfg.infer.channels_last)
@@ -201,7 +240,7 @@ def run_inference(cfg: InferConfig) -> InferSummary:
                 ds = inputs.ds.map_batches(decode_batch, fn_kwargs=decode, batch_size=cfg.infer.batch_size,
                                            num_cpus=decode_cpus)
             ds = ds.map_batches(
-                PREDICTORS[spec.task], fn_constructor_kwargs=predictor_kwargs, batch_size=cfg.infer.batch_size,
+                ModelActor, fn_constructor_kwargs=predictor_kwargs, batch_size=cfg.infer.batch_size,
                 compute=ray.data.ActorPoolStrategy(min_size=cfg.infer.min_actors, max_size=cfg.infer.max_actors),
                 num_cpus=actor_cpus, num_gpus=1 if cfg.infer.use_gpu else 0,
                 **({"resources": dict(cfg.infer.actor_resources)} if cfg.infer.actor_resources else {}),
@@ -210,18 +249,19 @@ def run_inference(cfg: InferConfig) -> InferSummary:
             sink = ShardSink(out.uri, out.run_id, schema.with_metadata(metadata), min(cfg.infer.commit_rows, cfg.infer.rows_per_file))
             progress.start()
             startup["pipeline"] = age0 + time.perf_counter() - t0
+            failed = True
             try:
                 # 0 CPUs: a write task waits on storage, and with a CPU share it queued behind the
                 # decode tasks for the slot the actors leave (measured: first commit at 104 s of a
                 # 154-s run on 2 CPUs; 37 s without)
                 ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})
-                written = sink.written
+                written, failed = sink.written, False
             except Exception as e:
                 if (reason := find_storage_error(e)) is None:
                     raise
                 raise UserError(f"cannot write to output {cfg.infer.output}: {reason}; nothing was published") from None
             finally:
-                progress.finish()
+                progress.finish(failed=failed)
             if (actor := ray.get(counter.first_actor.remote())) is not None:
                 zero = time.time() - (age0 + time.perf_counter() - t0)  # the process's start, wall clock
                 startup.update(actor_spawned=actor[0] - zero, actor_init=actor[1] - zero, actor_ready=actor[2] - zero)

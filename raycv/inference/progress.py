@@ -71,10 +71,12 @@ class ProgressLine(threading.Thread):
         of = f"{self.total}+ listed so far" if listing else f"{self.total}"
         return f"infer: {rows}/{of} rows ({rows / self.total:.0%}), {rate:,.1f} rows/s {left}".rstrip()
 
-    def show(self, final: bool = False) -> None:
+    def show(self, final: bool = False, failed: bool = False) -> None:
         try:
             rows, total, self.listed = ray.get(self.counter.value.remote(), timeout=5)
         except Exception:  # a slow poll is not worth failing the job for
+            return
+        if failed and not rows:  # a run that failed before its first prediction: its error is the line
             return
         self.total = max(total, rows, 1)
         if rows and self.first_rows_s is None:
@@ -89,8 +91,8 @@ class ProgressLine(threading.Thread):
         while not self.stop.wait(self.every_s if self.first_rows_s is not None else 0.2):
             self.show()
 
-    def finish(self) -> None:
+    def finish(self, failed: bool = False) -> None:
         self.stop.set()
         self.join()
-        self.show(final=True)
+        self.show(final=True, failed=failed)
         self.live.close()

@@ -22,17 +22,19 @@ import os
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from torch import nn
 
 import raycv
 from raycv.data.io import sha256_file
 from raycv.data.presets import (ClassificationEvalPreset, DetectionEvalPreset, SegmentationEvalPreset,
                                 eval_preset_from_dict)
 from raycv.errors import UserError
+
+if TYPE_CHECKING:  # imported where tensors are read or written: a checkpoint's raycv.json needs neither
+    import torch
+    from torch import nn
 
 MODEL_FILE = "model.pt"
 META_FILE = "raycv.json"
@@ -143,6 +145,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def write_checkpoint(directory: str | os.PathLike, model: nn.Module, info: CheckpointInfo,
                      train_state: dict[str, Any] | None = None) -> Path:
+    import torch
+
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     torch.save(unwrap(model).state_dict(), d / MODEL_FILE)
@@ -202,6 +206,8 @@ def new_checkpoint_dir() -> Path:
 
 def _tensors_only(path: Path) -> Any:
     import warnings
+
+    import torch
 
     try:
         with warnings.catch_warnings():  # int8 weights are rebuilt through the TypedStorage torch deprecates
@@ -387,6 +393,8 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, CheckpointInfo]
 def check_runs(model: nn.Module, info: CheckpointInfo, directory) -> None:
     """One input of the checkpoint's recorded size through the model: a preprocess the model cannot
     take fails once, in the driver, before Ray starts (not in every actor)."""
+    import torch
+
     try:
         with torch.inference_mode():
             x = torch.zeros(info.preprocess.shape)
