@@ -62,6 +62,13 @@ def connect(address: str | None = None, *, verbose: bool = False, dashboard: boo
         native_stderr_to_ray_logs()
 
 
+def joins_running_instance(address: str | None = None) -> bool:
+    """Whether `connect(address)` would join a Ray instance that is already running (run.address or
+    $RAY_ADDRESS naming one) rather than start one."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    return bool(address) and address != "local" and not ray.is_initialized()
+
+
 def pin_local_address() -> None:
     """Give the local instance about to start a GCS port chosen here, and its processes that address
     as $RAY_ADDRESS. Ray's own helpers that look the cluster up without an address (the State API

@@ -4,7 +4,6 @@ the output only when every input is accounted for."""
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -85,8 +84,7 @@ def weights_checked_here(cfg: InferConfig) -> bool:
     $RAY_ADDRESS) with a checkpoint, the driver reads only its raycv.json and each actor loads and
     checks the weights (a failure is the same one line): the driver then never imports torch, and
     the actors start that much sooner (bench/README.md). Embeddings need the head's width: loaded."""
-    joining = bool(cfg.run.address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
-    return not (joining and cfg.infer.checkpoint and not cfg.infer.embedding)
+    return not (runtime.joins_running_instance(cfg.run.address) and cfg.infer.checkpoint and not cfg.infer.embedding)
 
 
 def load_spec(cfg: InferConfig, *, load: bool = True) -> ModelSpec:
