@@ -541,3 +541,12 @@ def test_a_command_joining_a_running_instance_leaves_the_weights_to_the_actors(r
         f"SHA-256 differs from the recorded one); was it written or copied by a run that crashed? use another "
         f"checkpoint")
     assert not (tmp_path / "bad").exists()
+    small = tmp_path / "small"  # raycv.json says 28 px; the model was built for 32: the actor's check refuses it
+    shutil.copytree(checkpoint, small)
+    meta = json.loads((small / "raycv.json").read_text())
+    meta["preprocess"]["input_size"] = meta["preprocess"]["resize_size"] = 28
+    (small / "raycv.json").write_text(json.dumps(meta))
+    bad = command(small, tmp_path / "bad")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr[-2000:]
+    assert f"checkpoint {small}: 'simple_cnn' cannot run on its preprocess (input_size=28)" in bad.stderr
+    assert not (tmp_path / "bad").exists()

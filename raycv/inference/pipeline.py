@@ -66,13 +66,10 @@ class ModelActor:
     """What Ray Data runs on each predictor actor: the task's predictor, built in the actor's
     process. Its module (and torch with it) is imported there, not in the driver."""
 
-    def __init__(self, *, task: str, check: bool = False, **kwargs):
+    def __init__(self, *, task: str, **kwargs):
         from raycv.inference.predictor import PREDICTORS
 
         self.predictor = PREDICTORS[task](**kwargs)
-        if check:  # the driver did not load the model (weights_checked_here): what it would have refused
-            info = ckpt.read_info(kwargs["checkpoint"])
-            ckpt.check_runs(self.predictor.model, info, kwargs["checkpoint"])
 
     def __call__(self, batch):
         return self.predictor(batch)

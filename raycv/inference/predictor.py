@@ -16,17 +16,19 @@ from raycv.data.decode import decode_batch
 from raycv.data.presets import eval_preset_from_dict
 from raycv.inference.schema import classification_schema, detection_schema, segmentation_schema
 from raycv.models import get_model, last_linear_name
-from raycv.training.checkpoint import load_model
+from raycv.training.checkpoint import check_runs, load_model
 
 
 class _Predictor:
     def __init__(self, *, checkpoint: str | None, model_name: str, model_kwargs: dict[str, Any],
                  weights: str | None, torch_home: str | None, classes: list[str], preprocess: dict, threads: int,
                  use_gpu: bool, counter=None, decode: dict[str, Any] | None = None, model: torch.nn.Module | None = None,
-                 plugins: list[str] = (), channels_last: bool = False):
+                 plugins: list[str] = (), channels_last: bool = False, check: bool = False):
         """`model`: already built and loaded (raycv.load, in the caller's process); else built here.
         `plugins`: modules that register the model (run.plugins), imported in this process first.
-        `channels_last`: the model and each batch in NHWC memory (infer.channels_last)."""
+        `channels_last`: the model and each batch in NHWC memory (infer.channels_last).
+        `check`: run the checkpoint's model once at its input size, as a driver that loaded it
+        would have (raycv.inference.pipeline.weights_checked_here)."""
         began = time.time()
         from raycv import plugins as _plugins
 
@@ -37,7 +39,9 @@ class _Predictor:
         if torch_home:  # where the driver found the pretrained weights (same node, or a shared cache)
             torch.hub.set_dir(torch_home)
         if model is None and checkpoint is not None:  # the checkpoint must be readable here (shared storage on a cluster)
-            model, _ = load_model(checkpoint)
+            model, info = load_model(checkpoint)
+            if check:
+                check_runs(model, info, checkpoint)
         elif model is None:
             model = get_model(model_name, num_classes=len(classes), weights=weights, **model_kwargs)
         self.model = model.eval().to(self.device)

@@ -392,7 +392,8 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, CheckpointInfo]
 
 def check_runs(model: nn.Module, info: CheckpointInfo, directory) -> None:
     """One input of the checkpoint's recorded size through the model: a preprocess the model cannot
-    take fails once, in the driver, before Ray starts (not in every actor)."""
+    take fails with its reason before any input is predicted (in the driver before Ray starts, or
+    in each actor when the driver did not load the model), not on every batch."""
     import torch
 
     try:
