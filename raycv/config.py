@@ -215,8 +215,8 @@ class InferSection(_Section):
     # decoding is the bottleneck (they run beside the model); on a few CPUs with a compute-heavy model,
     # decoding in the actor avoids decode processes preempting torch's threads (see bench/).
     decode_in_actor: bool = False
-    # The model and its input batches in NHWC (channels_last) memory: convolutions ran 1.3-1.7x faster
-    # on CPUs for the models measured (bench/README.md), predictions equal to the NCHW model's.
+    # The model and its input batches in NHWC (channels_last) memory: inference ran 1.2-2.0x faster on
+    # CPUs for the models measured (bench/layout_bench.py), predictions equal to the NCHW model's.
     channels_last: bool = True
 
     @model_validator(mode="after")
