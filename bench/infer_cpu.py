@@ -21,7 +21,7 @@ from infer_bench import bare_loop, make_checkpoint, make_jpegs, raycv_infer
 
 
 def _category(name: str, cmdline: str) -> str:
-    if "Predictor" in cmdline:
+    if "ModelActor" in cmdline:
         return "predictor actor (model forward)"
     if "decode_batch" in cmdline or "MapBatches" in cmdline or "ReadFiles" in cmdline:
         return "Ray Data tasks (decode)"

@@ -40,7 +40,7 @@ def test_killed_predictor_actor_every_input_exactly_once(ray_session, many_image
     thread = threading.Thread(target=lambda: result.update(s=run_inference(cfg)), daemon=True)
     thread.start()
     deadline = time.monotonic() + 120
-    while not (actors := ray_processes("ClassificationPredictor")):
+    while not (actors := ray_processes("ModelActor")):
         assert time.monotonic() < deadline and thread.is_alive(), "no predictor actor appeared"
         time.sleep(0.1)
     time.sleep(3)  # let it load the model and predict some batches

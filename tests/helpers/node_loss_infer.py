@@ -32,19 +32,19 @@ def main(checkpoint: str, images: str, output: str) -> None:
         thread.start()
 
         deadline = time.monotonic() + 120
-        while not [n for n in workers if hosts(n, "ClassificationPredictor")]:
+        while not [n for n in workers if hosts(n, "ModelActor")]:
             if time.monotonic() > deadline or not thread.is_alive():
                 raise RuntimeError("no predictor actor appeared on a worker node")
             time.sleep(0.2)
         time.sleep(3)  # mid-run: the actors have loaded the model and predicted some batches
-        busy = [n for n in workers if hosts(n, "ClassificationPredictor")]
+        busy = [n for n in workers if hosts(n, "ModelActor")]
         counter_on_head = hosts(cluster.head_node, "RowCounter")  # the driver's node: never removed here
         victim, spare = busy[0], [n for n in workers if n not in busy]
         alive_at_removal = thread.is_alive()
         cluster.remove_node(victim)
         restarted_on_spare = False  # the lost actor comes back on the accelerator node nobody used
         while thread.is_alive() and not restarted_on_spare:
-            restarted_on_spare = any(hosts(n, "ClassificationPredictor") for n in spare)
+            restarted_on_spare = any(hosts(n, "ModelActor") for n in spare)
             time.sleep(0.1)
         thread.join(timeout=300)
         if "s" not in result:
