@@ -2,7 +2,7 @@
 
 import sys
 
-from raycv.cli import main
+from raycv.cli import console
 
 if __name__ == "__main__":
-    sys.exit(main(["tune", *sys.argv[1:]]))
+    sys.exit(console(["tune", *sys.argv[1:]]))

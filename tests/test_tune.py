@@ -217,7 +217,7 @@ def test_a_search_submits_as_a_job_through_jobs_tune_py():
                                 ["tune.space={optim.lrr: {uniform: [0.1, 0.2]}}"], REPO)
     assert submit.entrypoint("tune", ["--config", "jobs/configs/digits_tune.yaml"], REPO) == \
         "python jobs/tune.py --config jobs/configs/digits_tune.yaml"
-    assert "main([\"tune\", *sys.argv[1:]])" in (REPO / "jobs" / "tune.py").read_text()
+    assert "console([\"tune\", *sys.argv[1:]])" in (REPO / "jobs" / "tune.py").read_text()
 
 
 @pytest.mark.slow
