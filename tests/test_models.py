@@ -1,4 +1,7 @@
 import re
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -67,6 +70,32 @@ def test_unknown_and_duplicate_names():
         get_model("resnet19", num_classes=2)
     with pytest.raises(ValueError, match="already registered"):
         register_model("simple_cnn")(lambda **kw: nn.Identity())
+
+
+def test_torchvision_is_imported_only_when_a_model_needs_it():
+    """The default job's driver builds the seed's CNN without importing torchvision (over a second
+    of its start-up); every built-in name still counts the moment a name is looked up, listed, or
+    taken by a plugin. In a fresh process: this one has imported torchvision long ago."""
+    code = textwrap.dedent("""
+        import sys
+        from torch import nn
+        import raycv.training.driver
+        from raycv.errors import UserError
+        from raycv.models import get_model, list_models, register_model
+        get_model("simple_cnn", num_classes=10)
+        assert "torchvision" not in sys.modules, "torchvision imported for the seed's CNN"
+        try:
+            register_model("resnet18")(lambda **kw: nn.Identity())  # a plugin's model, torchvision's name
+        except ValueError as e:
+            assert "already registered (by torchvision)" in str(e), e
+        else:
+            raise AssertionError("a plugin took torchvision's name")
+        assert "torchvision" in sys.modules
+        assert {"resnet18_cifar", "fasterrcnn_mobilenet_v3_large_fpn", "lraspp_small"} <= {e.name for e in list_models()}
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_pretrained_weights_from_the_local_torch_cache(tmp_path, monkeypatch, stand_in_weights):

@@ -25,17 +25,30 @@ class ModelEntry:
 
 
 _MODELS: dict[str, ModelEntry] = {}
+# The modules that register torchvision's models (and raycv's built on torchvision), imported on demand.
+BUILTINS = ("raycv.models.torchvision_zoo", "raycv.models.detection", "raycv.models.resnet",
+            "raycv.models.segmentation")
+
+
+def load_builtins() -> None:
+    """Register every built-in model (a no-op once done; the import system keeps them)."""
+    import importlib
+
+    for module in BUILTINS:
+        importlib.import_module(module)
 
 
 def register_model(
     name: str, *, task: str = "classification", source: str = "raycv", default_input_size: int = 224
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        module = getattr(builder, "__module__", "") or ""
+        if not module.startswith("raycv.models."):
+            load_builtins()  # a plugin's name is checked against every built-in one
         if name in _MODELS:
             raise plugins.NameTaken(f"model {name!r} is already registered (by {_MODELS[name].source})")
         if name.startswith(TIMM_PREFIX):
             raise plugins.NameTaken(f"model names starting with {TIMM_PREFIX!r} are timm's")
-        module = getattr(builder, "__module__", "") or ""
         origin = source if source != "raycv" or module.startswith("raycv.") or not module else module
         _MODELS[name] = ModelEntry(name, builder, task, origin, default_input_size)
         return builder
@@ -51,6 +64,8 @@ def get_model_entry(name: str) -> ModelEntry:
         from raycv.models.timm_zoo import timm_entry
 
         return timm_entry(name)
+    if name not in _MODELS:
+        load_builtins()
     if name not in _MODELS:
         plugins.load_entry_points()
     try:
@@ -74,5 +89,6 @@ def get_model(name: str, *, num_classes: int, weights: str | None = None, **kwar
 
 
 def list_models(task: str | None = None) -> list[ModelEntry]:
+    load_builtins()
     plugins.load_entry_points()
     return [e for _, e in sorted(_MODELS.items()) if task is None or e.task == task]

@@ -19,6 +19,7 @@ from torchvision import models as tvm
 
 from raycv.data.io import sha256_file
 from raycv.errors import UserError
+from raycv.models.heads import last_linear_name
 from raycv.models.registry import register_model
 
 DOWNLOAD_TIMEOUT_S = 30.0
@@ -89,19 +90,6 @@ def verify_backbone_weights(arch: str, kwargs: dict) -> None:
         raise UserError(f"model.kwargs.weights_backbone={value!r} is not one of {enum.__name__}: "
                         f"{', '.join(['DEFAULT', *(m.name for m in enum)])}") from None
     load_weights_state_dict(w)
-
-
-def _is_linear(m: nn.Module) -> bool:
-    """nn.Linear, or its int8 form in a quantized checkpoint (torch.ao.nn.quantized[.dynamic].Linear)."""
-    return isinstance(m, nn.Linear) or (type(m).__name__ == "Linear" and type(m).__module__.startswith("torch.ao.nn.quantized"))
-
-
-def last_linear_name(model: nn.Module) -> str:
-    """The classifier head: the last linear layer in module order (fc, heads.head, classifier.1, ...)."""
-    names = [n for n, m in model.named_modules() if _is_linear(m)]
-    if not names:
-        raise UserError(f"{type(model).__name__} has no linear classifier head to replace")
-    return names[-1]
 
 
 def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
