@@ -58,6 +58,44 @@ def _read(fs, path: str) -> str:
         return f.read().decode()
 
 
+def test_a_checkpoint_on_object_storage_is_described_without_copying_it(s3, tmp_path, monkeypatch):
+    """`read_info` (what a driver joining a running instance reads: the actors load the weights)
+    reads raycv.json where it is, and still says in one line what is missing."""
+    from conftest import untrained_checkpoint
+
+    from raycv.errors import UserError
+    from raycv.training import checkpoint as ckpt
+
+    fs, env = s3
+    for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION"):
+        monkeypatch.setenv(k, env[k])
+    local = untrained_checkpoint(tmp_path / "ckpt")
+    for f in local.iterdir():
+        with fs.open_output_stream(f"raycv/ckpts/c1/{f.name}") as out:
+            out.write(f.read_bytes())
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))  # where a copy of the folder would go
+
+    info = ckpt.read_info("s3://raycv/ckpts/c1")
+    assert (info.model_name, info.classes, info.preprocess.input_size) == ("resnet18_cifar", ["a", "b", "c"], 32)
+    assert list(scratch.iterdir()) == []  # nothing copied
+
+    with pytest.raises(UserError, match=r"^checkpoint not found: s3://raycv/ckpts/none$"):
+        ckpt.read_info("s3://raycv/ckpts/none")
+    fs.delete_file("raycv/ckpts/c1/model.pt")
+    with pytest.raises(UserError, match=r"^not a raycv checkpoint: s3://raycv/ckpts/c1 lacks model.pt$"):
+        ckpt.read_info("s3://raycv/ckpts/c1")
+    with fs.open_output_stream("raycv/ckpts/c1/raycv.json") as out:
+        out.write(b'{"task": "classification", "classes": 3}')
+    with pytest.raises(UserError, match=r"^not a raycv checkpoint: s3://raycv/ckpts/c1/raycv.json: .+"):
+        ckpt.read_info("s3://raycv/ckpts/c1")
+    fs.delete_file("raycv/ckpts/c1/raycv.json")
+    with pytest.raises(UserError, match=r"^not a raycv checkpoint: s3://raycv/ckpts/c1 lacks raycv.json$"):
+        ckpt.read_info("s3://raycv/ckpts/c1")
+    assert list(scratch.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_train_resume_and_infer_on_object_storage(s3, image_tree, tmp_path):
     fs, env = s3

@@ -22,7 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -239,29 +239,60 @@ def local_dir(directory: str | os.PathLike) -> Path:
 
 
 def read_info(directory: str | os.PathLike) -> CheckpointInfo:
+    """A checkpoint's raycv.json, validated, with the weights it names present. On object storage
+    it reads raycv.json in place: a driver that leaves the weights to its actors copies nothing."""
+    where, read, has = _folder(directory)
+    try:
+        text = read(META_FILE)
+    except (OSError, ValueError) as e:
+        raise UserError(f"not a raycv checkpoint: {where}/{META_FILE} is unreadable ({str(e).splitlines()[0]})") from None
+    if text is None:
+        raise UserError(f"not a raycv checkpoint: {where} lacks {META_FILE}")
+    info = CheckpointInfo.from_meta(_parse_meta(text, f"{where}/{META_FILE}"))
+    weights = ".metadata" if info.sharded else MODEL_FILE
+    if not has(weights):
+        raise UserError(f"not a raycv checkpoint: {where} lacks {weights}{' (a sharded checkpoint)' if info.sharded else ''}")
+    return info
+
+
+def _folder(directory: str | os.PathLike) -> tuple[str, Callable[[str], str | None], Callable[[str], bool]]:
+    """A checkpoint folder as (where, read(name) -> text or None, has(name)): a local one, one this
+    process copied already, or one on object storage, read where it is."""
+    uri = str(directory)
+    if "://" in uri and uri not in _DOWNLOADED:
+        from raycv.data import io as fsio
+
+        try:
+            found = fsio.is_dir(uri)
+        except OSError as e:
+            raise UserError(f"checkpoint not found: {uri} ({str(e).splitlines()[0]})") from None
+        if not found:
+            raise UserError(f"checkpoint not found: {uri}")
+        return uri, lambda name: fsio.read_text(fsio.join(uri, name)), lambda name: fsio.exists(fsio.join(uri, name))
     d = local_dir(directory)
     if not d.is_dir():
         raise UserError(f"checkpoint not found: {d}")
-    meta = d / META_FILE
-    if not meta.is_file():
-        raise UserError(f"not a raycv checkpoint: {d} lacks {META_FILE}")
-    info = CheckpointInfo.from_meta(_read_meta(meta))
-    if not (d / (".metadata" if info.sharded else MODEL_FILE)).is_file():
-        raise UserError(f"not a raycv checkpoint: {d} lacks {'.metadata' if info.sharded else MODEL_FILE}"
-                        f"{' (a sharded checkpoint)' if info.sharded else ''}")
-    return info
+    return str(d), lambda name: (d / name).read_text() if (d / name).is_file() else None, lambda name: (d / name).is_file()
 
 
 def _read_meta(path: Path) -> Meta:
     """`raycv.json`, parsed and validated; a damaged or crafted one is one line naming the field."""
     try:
-        return Meta.model_validate(json.loads(path.read_text()))
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "the file"
-        raise UserError(f"not a raycv checkpoint: {path}: {where}: {first['msg']}") from None
+        text = path.read_text()
     except (OSError, ValueError) as e:
         raise UserError(f"not a raycv checkpoint: {path} is unreadable ({str(e).splitlines()[0]})") from None
+    return _parse_meta(text, str(path))
+
+
+def _parse_meta(text: str, where: str) -> Meta:
+    try:
+        return Meta.model_validate(json.loads(text))
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "the file"
+        raise UserError(f"not a raycv checkpoint: {where}: {field}: {first['msg']}") from None
+    except ValueError as e:
+        raise UserError(f"not a raycv checkpoint: {where} is unreadable ({str(e).splitlines()[0]})") from None
 
 
 def load_state_dict(directory: str | os.PathLike, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
