@@ -6,7 +6,6 @@ line on stderr and exits with status 2, never a traceback.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import re

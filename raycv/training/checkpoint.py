@@ -22,15 +22,14 @@ import os
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing import TYPE_CHECKING, Any, Callable
 
 import raycv
 from raycv.data.io import sha256_file
 from raycv.data.presets import (ClassificationEvalPreset, DetectionEvalPreset, SegmentationEvalPreset,
                                 eval_preset_from_dict)
 from raycv.errors import UserError
+from raycv.training.checkpoint_meta import Meta, parse_meta, read_meta
 
 if TYPE_CHECKING:  # imported where tensors are read or written: a checkpoint's raycv.json needs neither
     import torch
@@ -67,76 +66,13 @@ class CheckpointInfo:
 
     @classmethod
     def from_meta(cls, m: "Meta") -> "CheckpointInfo":
-        """From a validated `raycv.json` (`_read_meta`: bounds checked, a crafted file is one line)."""
+        """From a validated `raycv.json` (`read_meta`: bounds checked, a crafted file is one line)."""
         return cls(task=m.task, model_name=m.model.name, model_kwargs=m.model.kwargs, classes=m.classes,
                    preprocess=eval_preset_from_dict(m.preprocess.model_dump(exclude_none=True)), epoch=m.epoch,
                    metrics=m.metrics, config=m.config,
                    quantization=m.quantization.model_dump() if m.quantization else None,
                    pruning=m.pruning.model_dump() if m.pruning else None,
                    sharded=m.sharded.model_dump() if m.sharded else None)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-
-
-class _ModelMeta(_Strict):
-    name: str = Field(min_length=1, max_length=200)
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-
-
-class _PresetMeta(_Strict):
-    kind: Literal["classification", "segmentation", "detection"] | None = None
-    input_size: int = Field(ge=8, le=4096)  # the same bounds as data.input_size / resize_size, with room
-    resize_size: int | None = Field(None, ge=8, le=8192)
-    mean: list[float] | None = Field(None, min_length=1, max_length=4)
-    std: list[float] | None = Field(None, min_length=1, max_length=4)
-
-
-class _FileMeta(_Strict):
-    bytes: int = Field(ge=0)
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-
-
-class _QuantMeta(_Strict):
-    method: Literal["static", "dynamic"]
-    backend: Literal["x86", "qnnpack", "fbgemm"] = "x86"
-    dtype: Literal["int8"] = "int8"
-    calibration_images: int = Field(0, ge=0)
-    source: str | None = None
-    note: str | None = None
-
-
-class _PruneMeta(_Strict):
-    method: Literal["global_magnitude", "ln_structured"]
-    amount: float = Field(ge=0.0, le=1.0)
-    structured: bool = False  # layers narrower than the registered model's: shaped on load
-    sparsity: float | None = Field(None, ge=0.0, le=1.0)
-    parameters: int | None = Field(None, ge=0)
-    source: str | None = None
-
-
-class _ShardMeta(_Strict):
-    format: Literal["torch.distributed.checkpoint"]
-    world_size: int = Field(ge=1)
-    strategy: Literal["fsdp"] = "fsdp"
-
-
-class Meta(_Strict):
-    """What `raycv.json` must hold."""
-
-    format: Literal["raycv-checkpoint"]
-    task: Literal["classification", "segmentation", "detection"]
-    model: _ModelMeta
-    classes: list[str] = Field(min_length=1, max_length=100_000)
-    preprocess: _PresetMeta
-    epoch: int = Field(ge=0)
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    config: dict[str, Any] = Field(default_factory=dict)
-    files: dict[str, _FileMeta] = Field(default_factory=dict)
-    quantization: _QuantMeta | None = None
-    pruning: _PruneMeta | None = None
-    sharded: _ShardMeta | None = None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -173,7 +109,7 @@ def verify(directory: str | os.PathLike, name: str) -> None:
     d = Path(directory)
     if not (d / META_FILE).is_file():
         return  # read_info reports a missing raycv.json
-    recorded = _read_meta(d / META_FILE).files.get(name)
+    recorded = read_meta(d / META_FILE).files.get(name)
     if not recorded:
         return
     path = d / name
@@ -196,7 +132,7 @@ def verify_all(directory: str | os.PathLike, part: tuple[int, int] = (0, 1)) -> 
     part=(i, n): the i-th of n slices of them (n ranks share the hashing)."""
     d = Path(directory)
     if (d / META_FILE).is_file():
-        for name in sorted(_read_meta(d / META_FILE).files)[part[0]::part[1]]:
+        for name in sorted(read_meta(d / META_FILE).files)[part[0]::part[1]]:
             verify(d, name)
 
 
@@ -248,7 +184,7 @@ def read_info(directory: str | os.PathLike) -> CheckpointInfo:
         raise UserError(f"not a raycv checkpoint: {where}/{META_FILE} is unreadable ({str(e).splitlines()[0]})") from None
     if text is None:
         raise UserError(f"not a raycv checkpoint: {where} lacks {META_FILE}")
-    info = CheckpointInfo.from_meta(_parse_meta(text, f"{where}/{META_FILE}"))
+    info = CheckpointInfo.from_meta(parse_meta(text, f"{where}/{META_FILE}"))
     weights = ".metadata" if info.sharded else MODEL_FILE
     if not has(weights):
         raise UserError(f"not a raycv checkpoint: {where} lacks {weights}{' (a sharded checkpoint)' if info.sharded else ''}")
@@ -273,26 +209,6 @@ def _folder(directory: str | os.PathLike) -> tuple[str, Callable[[str], str | No
     if not d.is_dir():
         raise UserError(f"checkpoint not found: {d}")
     return str(d), lambda name: (d / name).read_text() if (d / name).is_file() else None, lambda name: (d / name).is_file()
-
-
-def _read_meta(path: Path) -> Meta:
-    """`raycv.json`, parsed and validated; a damaged or crafted one is one line naming the field."""
-    try:
-        text = path.read_text()
-    except (OSError, ValueError) as e:
-        raise UserError(f"not a raycv checkpoint: {path} is unreadable ({str(e).splitlines()[0]})") from None
-    return _parse_meta(text, str(path))
-
-
-def _parse_meta(text: str, where: str) -> Meta:
-    try:
-        return Meta.model_validate(json.loads(text))
-    except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "the file"
-        raise UserError(f"not a raycv checkpoint: {where}: {field}: {first['msg']}") from None
-    except ValueError as e:
-        raise UserError(f"not a raycv checkpoint: {where} is unreadable ({str(e).splitlines()[0]})") from None
 
 
 def load_state_dict(directory: str | os.PathLike, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
